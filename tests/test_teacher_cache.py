@@ -1,0 +1,156 @@
+"""Stage 1 end to end on a tiny random model: the cache equals a direct forward pass, is
+deterministic, resumes, refuses a second writer, and verify catches corruption."""
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import tiny_config
+from mol import cache as C
+from mol.config import load_config
+from mol.model import load_model, load_tokenizer
+from mol.teacher import cache_lock, final_hidden, run_teacher_pass
+
+
+@pytest.fixture
+def built(tiny_model_dir, corpora, tmp_path):
+    cfg = load_config(data=tiny_config(tiny_model_dir, corpora, tmp_path / "caches"))
+    cache_dir, status = run_teacher_pass(cfg)
+    assert status == "built"
+    return cfg, cache_dir
+
+
+def _direct(model, ids):
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1].double()
+    return torch.log_softmax(logits, -1)
+
+
+def test_cache_equals_direct_forward(built, tiny_model_dir):
+    cfg, cache_dir = built
+    cache = C.TeacherCache(cache_dir)
+    assert cache.verify() == []
+    model = load_model(tiny_model_dir, cfg.model).eval()
+    seqs = cache.load("train")
+    assert seqs.has_teacher.all()
+    for i in range(len(seqs)):
+        r = seqs.row(i)
+        logp = _direct(model, r[C.INPUT_IDS].tolist())
+        top = torch.topk(logp, cfg.teacher.top_k, dim=-1)
+        assert np.array_equal(r[C.TOPK_IDS].astype(np.int64), top.indices.numpy())
+        np.testing.assert_allclose(r[C.TOPK_PROBS].astype(np.float64), top.values.exp().numpy(), rtol=1e-3, atol=1e-7)
+        exact_resid = 1 - top.values.exp().sum(-1).numpy()
+        np.testing.assert_allclose(r[C.RESIDUAL], exact_resid, rtol=1e-4, atol=1e-6)
+
+
+def test_schema_and_plain_readers(built):
+    _, cache_dir = built
+    shard = sorted(cache_dir.glob("shard-*.parquet"))[0]
+    t = pq.read_table(shard)
+    assert t.schema.field(C.INPUT_IDS).type.value_type == "uint16"  # 49152-token vocab fits 16 bits
+    assert str(t.schema.field(C.TOPK_PROBS).type.value_type.value_type) == "halffloat"
+    assert pq.ParquetFile(shard).metadata.row_group(0).column(0).compression == "ZSTD"
+    from datasets import load_dataset
+
+    ds = load_dataset("parquet", data_files=[str(p) for p in sorted(cache_dir.glob("shard-*.parquet"))], split="train")
+    row = ds[0]
+    assert len(row[C.TOPK_IDS]) == len(row[C.INPUT_IDS]) - 1 and len(row[C.TOPK_IDS][0]) == 5
+    m = json.loads((cache_dir / "manifest.json").read_text())
+    assert m["totals"]["sequences"] == ds.num_rows
+    assert m["fidelity"]["kl_quantisation_mean_abs"] < 1e-3
+    assert (cache_dir / "config.yaml").is_file()
+
+
+def test_rerun_is_a_no_op_and_changes_make_a_new_cache(built, tiny_model_dir, corpora, tmp_path):
+    cfg, cache_dir = built
+    before = (cache_dir / "manifest.json").stat().st_mtime_ns
+    again, status = run_teacher_pass(cfg)
+    assert (again, status) == (cache_dir, "up-to-date")
+    assert (cache_dir / "manifest.json").stat().st_mtime_ns == before
+    other, status = run_teacher_pass(load_config(data=tiny_config(tiny_model_dir, corpora, tmp_path / "caches",
+                                                                   teacher={"top_k": 4})))
+    assert other != cache_dir and status == "built"
+
+
+def test_deterministic_and_resumes_after_partial_run(built, tiny_model_dir, corpora, tmp_path):
+    cfg, cache_dir = built
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    assert len(manifest["shards"]) >= 3
+    # simulate a run killed after two shards: no manifest, later shards missing, a temp file left over
+    (cache_dir / "manifest.json").unlink()
+    for s in manifest["shards"][2:]:
+        (cache_dir / s["file"]).unlink()
+    (cache_dir / "shard-00002.parquet.tmp999").write_bytes(b"half a shard")
+    _, status = run_teacher_pass(cfg)
+    assert status == "resumed"
+    resumed = json.loads((cache_dir / "manifest.json").read_text())
+    assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in manifest["shards"]]
+    assert not list(cache_dir.glob("*.tmp*"))
+    # a fresh build elsewhere gives byte-identical shards
+    fresh_cfg = load_config(data=tiny_config(tiny_model_dir, corpora, tmp_path / "fresh"))
+    fresh_dir, _ = run_teacher_pass(fresh_cfg)
+    fresh = json.loads((fresh_dir / "manifest.json").read_text())
+    assert [s["sha256"] for s in fresh["shards"]] == [s["sha256"] for s in manifest["shards"]]
+
+
+def test_second_writer_is_refused(built):
+    _, cache_dir = built
+    with cache_lock(cache_dir):
+        with pytest.raises(C.CacheError, match="lock"):
+            with cache_lock(cache_dir):
+                pass
+
+
+def test_verify_names_the_bad_shard(built):
+    _, cache_dir = built
+    shards = sorted(cache_dir.glob("shard-*.parquet"))
+    data = bytearray(shards[1].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shards[1].write_bytes(bytes(data))
+    shards[2].unlink()
+    problems = C.TeacherCache(cache_dir).verify()
+    assert any(shards[1].name in p and "sha256" in p for p in problems)
+    assert any(shards[2].name in p and "missing" in p for p in problems)
+
+
+def test_unlabelled_domain_rows(tiny_model_dir, corpora, tmp_path):
+    cfg = load_config(data=tiny_config(tiny_model_dir, corpora, tmp_path / "c", teacher={"label_domain": False}))
+    cache_dir, _ = run_teacher_pass(cfg)
+    cache = C.TeacherCache(cache_dir)
+    assert cache.label_domain is False
+    assert not cache.load("train", corpus="domain").has_teacher.any()
+    assert cache.load("train", corpus="general").has_teacher.all()
+
+
+def test_mismatched_cache_is_refused(built):
+    _, cache_dir = built
+    cache = C.TeacherCache(cache_dir)
+    key = cache.manifest["key"]
+    cache.check_compatible(model_fp=key["model_fingerprint"], tokenizer_fp=key["tokenizer_fingerprint"], k=key["top_k"])
+    with pytest.raises(C.CacheError, match="k = 5"):
+        cache.check_compatible(model_fp=key["model_fingerprint"], tokenizer_fp=key["tokenizer_fingerprint"], k=31)
+    with pytest.raises(C.CacheError, match="model fingerprint"):
+        cache.check_compatible(model_fp="0" * 64, tokenizer_fp=key["tokenizer_fingerprint"], k=key["top_k"])
+
+
+@pytest.mark.slow
+def test_real_smollm2_cache_matches_forward(real_model_dir, corpora, tmp_path):
+    """The real default model on a few short sequences: ids exact, probs to fp16, residual to fp32."""
+    cfg = load_config(data=tiny_config(real_model_dir, corpora, tmp_path / "real",
+                                       data={"max_seq_len": 24, "max_train_sequences": 2, "max_val_sequences": 0},
+                                       teacher={"top_k": 31, "fidelity_sequences": 1}))
+    cache_dir, _ = run_teacher_pass(cfg)
+    model = load_model(real_model_dir, cfg.model).eval()
+    seqs = C.TeacherCache(cache_dir).load("train")
+    for i in range(len(seqs)):
+        r = seqs.row(i)
+        logp = _direct(model, r[C.INPUT_IDS].tolist())
+        top = torch.topk(logp, 31, dim=-1)
+        # ties between near-equal logits may order differently; compare as sets where values tie
+        assert (r[C.TOPK_IDS].astype(np.int64) == top.indices.numpy()).mean() > 0.99
+        np.testing.assert_allclose(r[C.TOPK_PROBS].astype(np.float64), top.values.exp().numpy(), rtol=2e-3, atol=1e-6)
+        np.testing.assert_allclose(r[C.RESIDUAL], 1 - top.values.exp().sum(-1).numpy(), rtol=1e-4, atol=1e-5)
