@@ -1,0 +1,41 @@
+"""Stage 2: train the student from the teacher cache (MoL or CE-only).
+
+    python -m stages.train data/default.yaml [key=value ...]
+e.g. train.alpha=0.5, train.general_ratio=2, train.mode=ce, train.resume=true train.run_name=NAME
+"""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+from mol.cache import CacheError
+from mol.config import ConfigError, parse_cli
+from mol.train import TrainingError, train
+from stages._cli import setup_logging
+
+
+def _step_bar(total: int, desc: str):
+    bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+    return bar.update
+
+
+def main(argv=None) -> int:
+    setup_logging()
+    try:
+        cfg, _ = parse_cli(sys.argv[1:] if argv is None else argv, __doc__)
+        run_dir = train(cfg, make_bar=_step_bar)
+    except (ConfigError, CacheError, TrainingError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"\nrun folder:  {run_dir}")
+    for name in ("adapter", "model", "merged", "metrics.jsonl", "summary.json", "config.yaml", "tb"):
+        if (run_dir / name).exists():
+            print(f"  {name:14s} {run_dir / name}")
+    print(f"next: make eval RUN={run_dir}   make plots RUN={run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
