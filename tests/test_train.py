@@ -140,3 +140,20 @@ def test_corrupt_cache_is_refused(cache_ready):
     shard.write_bytes(bytes(data))
     with pytest.raises(TrainingError, match=shard.name):
         train(load_config(data=cache_ready))
+
+
+def test_full_finetune_and_merge(cache_ready, tiny_model_dir):
+    full = train(load_config(data={**cache_ready, "train": {**cache_ready["train"], "finetune": "full", "max_steps": 1,
+                                                            "eval_every": 0, "lr": 1e-4, "run_name": "full-ft"}}))
+    assert (full / "model" / "config.json").is_file()
+    merged = train(load_config(data={**cache_ready, "train": {**cache_ready["train"], "merge": True, "max_steps": 2,
+                                                              "eval_every": 0, "run_name": "merged",
+                                                              "lora": {**cache_ready["train"]["lora"], "dropout": 0.0}}}))
+    from peft import PeftModel
+
+    x = torch.tensor([[1, 50, 60, 70, 80]])
+    with torch.no_grad():
+        a = PeftModel.from_pretrained(load_model(tiny_model_dir, load_config(data=cache_ready).model),
+                                      merged / "adapter").eval()(x).logits
+        b = load_model(merged / "merged", load_config(data=cache_ready).model).eval()(x).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,205 @@
+"""Training curves from a run's metrics.jsonl, as PNGs in run_dir/plots/.
+
+    ce.png         train CE per corpus (thin) and validation CE per subset (markers), cf. the paper's Fig. 2
+    grad_norm.png  gradient norm per optimizer step (Fig. 3), with the clipping threshold
+    kl.png         train KL per corpus and validation KL-to-base
+    lr.png         learning-rate schedule
+
+Figures are built with matplotlib's object API (Figure + savefig, which renders through Agg), never
+pyplot, so importing this module changes no global backend and works without a display.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+from .config import CORPORA, load_config
+
+log = logging.getLogger(__name__)
+
+METRICS = "metrics.jsonl"
+PLOTS_DIR = "plots"
+CORPUS_COLOURS = {"domain": "tab:red", "general": "tab:blue"}
+# each corpus' validation subsets take shades of its train colour, so families read at a glance
+CORPUS_MAPS = {"domain": "Reds", "general": "Blues"}
+
+
+def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    """(train rows, val rows) in file order. A malformed line (e.g. one a running trainer is
+    still writing) is skipped with a warning rather than failing the whole plot."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: no metrics to plot")
+    train, val, bad = [], [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), (int, float)):
+            bad += 1
+        elif rec.get("type") == "train":
+            train.append(rec)
+        elif rec.get("type") == "val":
+            val.append(rec)
+    if bad:
+        log.warning("%s: skipped %d malformed lines", path, bad)
+    if not train and not val:
+        raise ValueError(f"{path}: no train or val records")
+    return train, val
+
+
+def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of the rows that carry a finite `key`."""
+    pts = [(r["step"], r[key]) for r in rows
+           if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _run_info(run_dir: Path) -> tuple[dict[str, str], float | None]:
+    """({subset: corpus}, grad_clip) from the run's config, or empty when it cannot be read."""
+    try:
+        cfg = load_config(run_dir / "config.yaml")
+    except Exception as e:  # plots must still come out for a run with an odd or missing config
+        log.debug("no usable config in %s (%s); plotting without subset families", run_dir, e)
+        return {}, None
+    return {s.subset: s.corpus for s in cfg.data.sources}, cfg.train.grad_clip or None
+
+
+def _val_subsets(val: list[dict], prefix: str) -> list[str]:
+    """Names after `prefix` in val rows, excluding the corpus aggregates, in first-seen order."""
+    names: dict[str, None] = {}
+    for r in val:
+        for key in r:
+            if key.startswith(prefix) and key[len(prefix):] not in CORPORA:
+                names[key[len(prefix):]] = None
+    return list(names)
+
+
+def _subset_colours(subsets: list[str], corpus_of: dict[str, str]) -> dict[str, object]:
+    by_corpus: dict[str, list[str]] = {}
+    for s in subsets:
+        by_corpus.setdefault(corpus_of.get(s, ""), []).append(s)
+    out: dict[str, object] = {}
+    for corpus, names in by_corpus.items():
+        if corpus in CORPUS_MAPS:
+            cmap = colormaps[CORPUS_MAPS[corpus]]
+            for i, s in enumerate(names):
+                out[s] = cmap(0.95 - 0.5 * i / max(len(names) - 1, 1))
+        else:
+            # family unknown (no readable config): distinct colours, skipping the train lines' red and blue
+            spare = [c for i, c in enumerate(colormaps["tab10"].colors) if i not in (0, 3)]
+            for i, s in enumerate(names):
+                out[s] = spare[i % len(spare)]
+    return out
+
+
+def _new_axes(title: str, ylabel: str):
+    fig = Figure(figsize=(8, 4.8), dpi=120)
+    ax = fig.subplots()
+    ax.set_title(title)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def _save(fig, ax, path: Path) -> Path:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small", loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def plot_ce(train: list[dict], val: list[dict], corpus_of: dict[str, str], title: str, path: Path) -> Path:
+    fig, ax = _new_axes(f"{title}: cross-entropy", "CE (nats/token)")
+    for c in CORPORA:
+        x, y = series(train, f"ce/{c}")
+        if x:
+            ax.plot(x, y, lw=0.8, alpha=0.7, color=CORPUS_COLOURS[c], label=f"train CE {c}")
+    subsets = _val_subsets(val, "ce/")
+    colours = _subset_colours(subsets, corpus_of)
+    for s in subsets:
+        x, y = series(val, f"ce/{s}")
+        tag = f" ({corpus_of[s]})" if s in corpus_of else ""
+        ax.plot(x, y, marker="o", ms=4, lw=1.5, color=colours[s], label=f"val CE {s}{tag}")
+    return _save(fig, ax, path)
+
+
+def plot_grad_norm(train: list[dict], grad_clip: float | None, title: str, path: Path) -> Path:
+    fig, ax = _new_axes(f"{title}: gradient norm", "global gradient norm")
+    x, y = series(train, "grad_norm")
+    ax.plot(x, y, lw=0.9, color="tab:purple", label="grad norm")
+    if grad_clip:
+        ax.axhline(grad_clip, ls="--", lw=1, color="grey", label=f"clip = {grad_clip:g}")
+    positive = [v for v in y if v > 0]
+    if positive and max(positive) / min(positive) > 100:
+        ax.set_yscale("log")  # early spikes would otherwise flatten the rest of the curve
+    return _save(fig, ax, path)
+
+
+def plot_kl(train: list[dict], val: list[dict], title: str, path: Path) -> Path:
+    fig, ax = _new_axes(f"{title}: KL to the base model", "KL (nats/token)")
+    for c in CORPORA:
+        x, y = series(train, f"kl/{c}")
+        if x:
+            ax.plot(x, y, lw=0.8, alpha=0.7, color=CORPUS_COLOURS[c], label=f"train KL {c}")
+    for c in ("general", "domain"):
+        x, y = series(val, f"kl_to_base/{c}")
+        if x:
+            ax.plot(x, y, marker="o", ms=4, lw=1.5, ls="--", color=CORPUS_COLOURS[c], label=f"val KL-to-base {c}")
+    return _save(fig, ax, path)
+
+
+def plot_lr(train: list[dict], title: str, path: Path) -> Path:
+    fig, ax = _new_axes(f"{title}: learning rate", "learning rate")
+    x, y = series(train, "lr")
+    ax.plot(x, y, lw=1.2, color="tab:green", label="lr")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    return _save(fig, ax, path)
+
+
+def plot_run(run_dir: Path) -> list[Path]:
+    """Write ce.png, grad_norm.png, kl.png and lr.png into run_dir/plots/; return their paths."""
+    run_dir = Path(run_dir)
+    train, val = read_metrics(run_dir / METRICS)
+    corpus_of, grad_clip = _run_info(run_dir)
+    out = run_dir / PLOTS_DIR
+    out.mkdir(exist_ok=True)
+    title = run_dir.name
+    return [
+        plot_ce(train, val, corpus_of, title, out / "ce.png"),
+        plot_grad_norm(train, grad_clip, title, out / "grad_norm.png"),
+        plot_kl(train, val, title, out / "kl.png"),
+        plot_lr(train, title, out / "lr.png"),
+    ]
+
+
+def plot_compare(run_dirs: list[Path], out: Path, key: str = "ce/domain") -> Path:
+    """One validation metric of several runs on one axis (e.g. an α or ratio sweep)."""
+    fig, ax = _new_axes(f"validation {key} across runs", key)
+    colours = colormaps["tab10"]
+    plotted = 0
+    for i, run_dir in enumerate(map(Path, run_dirs)):
+        _, val = read_metrics(run_dir / METRICS)
+        x, y = series(val, key)
+        if not x:
+            log.warning("%s: no validation %s; left out of the comparison", run_dir, key)
+            continue
+        ax.plot(x, y, marker="o", ms=4, lw=1.5, color=colours(i % 10), label=run_dir.name)
+        plotted += 1
+    if not plotted:
+        raise ValueError(f"none of the runs has validation values for {key!r}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return _save(fig, ax, out)
