@@ -13,8 +13,8 @@ from torch import nn
 
 from conftest import GEN, MED, tiny_config, write_jsonl
 from mol.config import dump_config, load_config
-from mol.evaluate import (EVAL_JSON, EVAL_MD, McqItem, choice_scores, encode_choice, encode_set, evaluate_run,
-                          format_table, load_mcq_set, score_set)
+from mol.evaluate import (EVAL_JSON, EVAL_MD, McqItem, _shared_prefix_hidden, choice_scores, encode_choice,
+                          encode_set, evaluate_run, format_table, load_mcq_set, score_set)
 from mol.model import load_model, load_tokenizer
 from mol.plots import plot_compare, plot_run
 from mol.teacher import run_teacher_pass
@@ -130,8 +130,11 @@ def test_mcq_scores_equal_direct_log_probs(tiny_model_dir):
         {"path": "x", "corpus": "domain", "subset": "x"}]}}).model).eval()
     question, choices = "Which organ pumps blood?", ["The heart", "Lungs", "the large intestine, mostly"]
     encoded = [encode_choice(tok, question, c, {}) for c in choices]
-    got = choice_scores(model, encoded, torch.device("cpu"))
-    for c, (ids, first), score in zip(choices, encoded, got):
+    assert _shared_prefix_hidden(model, encoded, torch.device("cpu")) is not None  # the fast path is taken
+    shared = choice_scores(model, encoded, torch.device("cpu"))
+    padded = choice_scores(model, encoded, torch.device("cpu"), share_prefix=False)
+    assert shared == pytest.approx(padded, abs=1e-4)
+    for c, (ids, first), score in zip(choices, encoded, shared):
         full = tok.apply_chat_template([{"role": "user", "content": question},
                                         {"role": "assistant", "content": c}], tokenize=False)
         enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
@@ -153,8 +156,8 @@ class _Unigram(nn.Module):
         self.head.weight.data = logits[:, None].clone()
 
     def get_decoder(self):
-        return lambda input_ids, attention_mask=None: SimpleNamespace(
-            last_hidden_state=torch.ones(*input_ids.shape, 1))
+        # no past_key_values in the output: the scorer falls back to one padded batch
+        return lambda input_ids, **kwargs: SimpleNamespace(last_hidden_state=torch.ones(*input_ids.shape, 1))
 
     def get_output_embeddings(self):
         return self.head
