@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED := 1
 
 STAMP := $(VENV)/.installed
 
-.PHONY: setup data model teacher-cache cache-info train eval plots test test-all clean-runs
+.PHONY: setup data model teacher-cache cache-info train eval plots test test-faults test-all clean-runs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,7 +49,15 @@ plots: setup
 	$(PY) -m stages.plots $(RUN)
 
 test: data model
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not faults"
+
+# SIGKILL sweeps and every fault case through real subprocesses (minutes; see tests/test_faults.py)
+test-faults: data model
+	$(PY) -m pytest -q -m faults tests/test_faults.py
 
 clean-runs:
 	rm -rf runs
+
+.PHONY: bench
+bench: data model
+	$(PY) -m stages.bench $(ARGS)

@@ -128,21 +128,30 @@ def sha256_path(path: Path) -> str:
 
 def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk must not also keep the partial copy
+        raise
 
 
 def write_shard(path: Path, table: pa.Table, zstd_level: int) -> None:
     """Write to a temp name, fsync, rename: a shard that exists under its final name is complete."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd", compression_level=zstd_level,
-                   use_dictionary=[CORPUS, SUBSET, SPLIT], write_statistics=[SEQ_ID])
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp, compression="zstd", compression_level=zstd_level,
+                       use_dictionary=[CORPUS, SUBSET, SPLIT], write_statistics=[SEQ_ID])
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk, a lost mount...: pyarrow's errors are OSErrors too
+        tmp.unlink(missing_ok=True)
+        raise CacheError(f"{path}: could not write this shard ({e}); the shards before it are kept "
+                         f"and the next run resumes here") from e
 
 
 def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
@@ -156,7 +165,34 @@ def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
 
 
 def write_manifest(cache_dir: Path, manifest: dict) -> None:
-    write_atomic(cache_dir / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
+    try:
+        write_atomic(cache_dir / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
+    except OSError as e:
+        raise CacheError(f"{cache_dir / MANIFEST}: could not write the manifest ({e}); every shard is kept "
+                         f"and the next run only writes the manifest") from e
+
+
+_MANIFEST_FIELDS = {"fingerprint": str, "key": dict, "model": dict, "counts": dict, "totals": dict,
+                    "residual": dict, "shards": list}
+_KEY_FIELDS = {"model_fingerprint": str, "tokenizer_fingerprint": str, "top_k": int, "label_domain": bool}
+_SHARD_FIELDS = {"file": str, "rows": int, "bytes": int, "sha256": str}
+
+
+def manifest_problems(m) -> list[str]:
+    """What a readable manifest lacks for the reader and the CLIs to use it (empty = usable)."""
+    if not isinstance(m, dict):
+        return [f"top level is a {type(m).__name__}, not an object"]
+    out = [f"'{k}' missing or not a {t.__name__}" for k, t in _MANIFEST_FIELDS.items() if not isinstance(m.get(k), t)]
+    if isinstance(m.get("key"), dict):
+        out += [f"'key.{k}' missing or not a {t.__name__}" for k, t in _KEY_FIELDS.items()
+                if not isinstance(m["key"].get(k), t)]
+    for i, sh in enumerate(m.get("shards") if isinstance(m.get("shards"), list) else []):
+        bad = [k for k, t in _SHARD_FIELDS.items() if not isinstance(sh, dict) or not isinstance(sh.get(k), t)]
+        if bad:
+            out.append(f"shards[{i}]: {', '.join(bad)} missing or of the wrong type")
+        elif Path(sh["file"]).name != sh["file"]:
+            out.append(f"shards[{i}]: file {sh['file']!r} is not a name inside the cache folder")
+    return out
 
 
 @dataclass
@@ -208,9 +244,13 @@ class TeacherCache:
             self.manifest = json.loads(mf.read_text())
         except ValueError as e:
             raise CacheError(f"{mf}: unreadable manifest ({e})") from None
-        if self.manifest.get("schema_version") != SCHEMA_VERSION:
-            raise CacheError(f"{self.path}: schema version {self.manifest.get('schema_version')} "
+        version = self.manifest.get("schema_version") if isinstance(self.manifest, dict) else None
+        if version != SCHEMA_VERSION:
+            raise CacheError(f"{self.path}: schema version {version} "
                              f"!= {SCHEMA_VERSION} that this code reads; rebuild the cache")
+        problems = manifest_problems(self.manifest)
+        if problems:
+            raise CacheError(f"{mf}: malformed manifest: " + "; ".join(problems))
 
     @property
     def k(self) -> int:
@@ -245,6 +285,15 @@ class TeacherCache:
                     problems.append(f"{s['file']}: {rows} rows, manifest says {s['rows']}")
             if progress:
                 progress(1)
+        # an entry removed from the manifest would silently drop its rows from training
+        listed = {s["file"] for s in self.manifest["shards"]}
+        for p in sorted(self.path.glob("shard-*.parquet")):
+            if p.name not in listed:
+                problems.append(f"{p.name}: on disk but not listed in the manifest (edited manifest?)")
+        n_rows = sum(s["rows"] for s in self.manifest["shards"])
+        if n_rows != self.manifest["totals"].get("sequences"):
+            problems.append(f"{MANIFEST}: its shards hold {n_rows} rows, totals.sequences says "
+                            f"{self.manifest['totals'].get('sequences')}")
         return problems
 
     def check_compatible(self, *, model_fp: str, tokenizer_fp: str, k: int) -> None:

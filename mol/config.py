@@ -357,9 +357,15 @@ def _build(cls, data: dict, where: str, problems: list[str]):
             problems.append(f"{where + '.' if where else ''}{key}: unknown key (known: {', '.join(sorted(names))})")
     kwargs = {}
     for f in dataclasses.fields(cls):
+        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
         if f.name in data:
-            kwargs[f.name] = _coerce(data[f.name], hints[f.name], f"{where + '.' if where else ''}{f.name}", problems)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            before = len(problems)
+            value = _coerce(data[f.name], hints[f.name], f"{where + '.' if where else ''}{f.name}", problems)
+            # A mistyped scalar takes its default (its problem is already listed) so the section's
+            # value checks still run and report everything else in the same pass.
+            if len(problems) == before or not has_default or dataclasses.is_dataclass(value) or isinstance(value, list):
+                kwargs[f.name] = value
+        elif not has_default:
             problems.append(f"{where + '.' if where else ''}{f.name}: required")
     try:
         return cls(**kwargs)
@@ -406,10 +412,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), data:
         except (ConfigError, ValueError, IndexError, TypeError) as e:
             problems.append(f"override {o!r}: {e}")
     cfg = _build(MolConfig, raw, "", problems)
-    # value checks run on every section whose types are right, so one pass lists everything
+    # value checks run on every section, also one with type errors, so one pass lists everything
     for section in ("data", "teacher", "train"):
-        if cfg is not None and not any(p.startswith(section + ".") for p in problems):
+        if cfg is None:
+            break
+        try:
             problems += getattr(cfg, section).validate()
+        except (TypeError, AttributeError, ValueError):
+            # a required field of the wrong type (already listed) breaks the comparisons; the
+            # section's value checks then wait for the next run
+            pass
     if problems:
         raise ConfigError(problems)
     return cfg

@@ -96,7 +96,7 @@ def _iter_json_lines(path: Path, stream: io.BufferedIOBase) -> Iterator[tuple[st
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            rec = CorpusError(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+            rec = CorpusError(f"{where}: invalid JSON ({e.msg}; column {e.colno})")
         yield where, rec
 
 

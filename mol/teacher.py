@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import platform
@@ -15,8 +16,8 @@ import numpy as np
 import torch
 
 from . import cache as C
-from .config import MolConfig, dump_config
-from .corpora import PackedSequence, pack_corpora
+from .config import ConfigError, MolConfig, dump_config
+from .corpora import CorpusError, PackedSequence, pack_corpora
 from .model import load_model, load_tokenizer, pick_device
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,31 @@ def cache_lock(cache_dir: Path):
         os.close(fd)
 
 
+@contextmanager
+def _input_errors():
+    """An input that cannot be opened (a folder where a file belongs, no read permission) is a bad
+    input like any other: a CorpusError naming the file (the CLI's exit 2), not a traceback."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise  # already worded by the callers, with the source it belongs to
+    except OSError as e:
+        if e.filename is None:
+            raise
+        raise CorpusError(f"{e.filename}: cannot read ({e.strerror})") from None
+
+
+def _config_vocab_size(model_path: Path, tokenizer) -> int:
+    """Vocabulary size from the tokenizer and the model's config.json, without loading weights."""
+    n = len(tokenizer)
+    try:
+        mc = json.loads((model_path / "config.json").read_text())
+    except (OSError, ValueError):
+        return n
+    v = mc.get("vocab_size") or (mc.get("text_config") or {}).get("vocab_size")
+    return max(n, v) if isinstance(v, int) else n
+
+
 def _shard_rows(seqs: list[PackedSequence], rows_per_shard: int):
     for s in range(0, len(seqs), rows_per_shard):
         yield s // rows_per_shard, s, seqs[s:s + rows_per_shard]
@@ -165,8 +191,15 @@ def run_teacher_pass(cfg: MolConfig, make_bar: Optional[MakeBar] = None) -> tupl
     device = pick_device(cfg.model.device)
     from .model import resolve_model_path
 
-    tokenizer = load_tokenizer(resolve_model_path(cfg.model.name))
-    rk = C.resolve_cache_key(cfg, tokenizer)
+    model_path = resolve_model_path(cfg.model.name)
+    tokenizer = load_tokenizer(model_path)
+    k = cfg.teacher.top_k
+    # checked before hashing, packing or loading anything: the top-k must leave a residual bucket
+    vocab = _config_vocab_size(model_path, tokenizer)
+    if k >= vocab:
+        raise ConfigError([f"teacher.top_k = {k} must be < the model's vocabulary size {vocab}"])
+    with _input_errors():
+        rk = C.resolve_cache_key(cfg, tokenizer)
     cache_dir = rk.cache_dir
     if (cache_dir / C.MANIFEST).is_file():
         log.info("cache %s is complete for this config: nothing to do", cache_dir)
@@ -175,13 +208,12 @@ def run_teacher_pass(cfg: MolConfig, make_bar: Optional[MakeBar] = None) -> tupl
     with cache_lock(cache_dir):
         for stale in cache_dir.glob("*.tmp*"):
             stale.unlink()  # a killed writer's leftovers; never visible under a final name
-        seqs, reports = pack_corpora(cfg.data, tokenizer, cfg.model.chat_template_kwargs)
-        vocab = len(tokenizer)
+        with _input_errors():
+            seqs, reports = pack_corpora(cfg.data, tokenizer, cfg.model.chat_template_kwargs)
         model = load_model(rk.model_path, cfg.model, device=device).eval()
         vocab = max(vocab, model.get_output_embeddings().weight.shape[0])
-        k = cfg.teacher.top_k
         if k >= vocab:
-            raise ValueError(f"teacher.top_k = {k} must be < vocab size {vocab}")
+            raise ConfigError([f"teacher.top_k = {k} must be < the model's vocabulary size {vocab}"])
         schema = C.arrow_schema(k, vocab)
         dump_config(cfg, cache_dir / "config.yaml")
         shards = list(_shard_rows(seqs, cfg.teacher.rows_per_shard))

@@ -139,7 +139,9 @@ def save_checkpoint(run_dir: Path, step: int, model, opt, keep: int = 2) -> Path
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    # temp folders of a killed save (any pid) are never a checkpoint; one trainer per run folder
+    for stale in root.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     torch.save({"step": step, "trainable": trainable_state(model), "optimizer": opt.state_dict(),
                 "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
@@ -212,11 +214,21 @@ def _jsonl_append(path: Path, rec: dict) -> None:
         f.write(json.dumps(rec) + "\n")
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop lines written after the checkpoint we restart from."""
+def _truncate_metrics(path: Path, step: int, final_step: int) -> None:
+    """On resume from the checkpoint at `step` (0: none), drop every line the restarted run writes
+    again: all lines after the checkpoint, the step-0 validation when there is no checkpoint, and
+    the final validation when the checkpoint is the last step (it runs after that checkpoint)."""
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            rec = json.loads(ln)
+        except ValueError:
+            continue  # blank, or the last line torn by the kill
+        s = rec.get("step", -1)
+        if s < step or (s == step and step > 0 and not (rec.get("type") == "val" and step == final_step)):
+            keep.append(ln)
     C.write_atomic(path, ("\n".join(keep) + "\n" if keep else "").encode())
 
 
@@ -257,10 +269,11 @@ def train(cfg: MolConfig, make_bar: Optional[MakeBar] = None, stop_after: Option
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     start = 0
-    if t.resume and (_ckpt_root(run_dir) / "latest").is_file():
-        start = load_checkpoint(run_dir, model, opt)
-        _truncate_metrics(metrics_path, start)
-        log.info("resumed %s at step %d of %d", run_dir, start, steps)
+    if t.resume:
+        if (_ckpt_root(run_dir) / "latest").is_file():
+            start = load_checkpoint(run_dir, model, opt)
+            log.info("resumed %s at step %d of %d", run_dir, start, steps)
+        _truncate_metrics(metrics_path, start, steps)
     n_trainable = sum(p.numel() for p in params)
     log.info("run %s: %d steps x %d sequences (%d domain + %d general per epoch), %s, %.2fM trainable params",
              run_dir, steps, t.global_batch, len(dom), plan.general_per_epoch, t.finetune, n_trainable / 1e6)
@@ -320,9 +333,15 @@ def train(cfg: MolConfig, make_bar: Optional[MakeBar] = None, stop_after: Option
                 cnt[c] += 1
         loss = loss_total / t.global_batch
         if not math.isfinite(loss):
-            raise TrainingError(f"non-finite loss {loss} at step {step}; stopped. The last good checkpoint "
-                                f"(if any) is in {_ckpt_root(run_dir)}")
+            raise TrainingError(f"non-finite loss {loss} at step {step + 1}; stopped before the update. The last "
+                                f"good checkpoint (if any) is in {_ckpt_root(run_dir)}")
         gnorm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+        # a finite loss can still have NaN/inf gradients; stepping on them would poison the weights
+        # and then the next checkpoint
+        if not math.isfinite(float(gnorm)):
+            raise TrainingError(f"non-finite gradient norm {float(gnorm)} at step {step + 1} (loss {loss:.4f}); "
+                                f"stopped before the update. The last good checkpoint (if any) is in "
+                                f"{_ckpt_root(run_dir)}")
         opt.step()
         opt.zero_grad(set_to_none=True)
         dt = time.time() - ts
