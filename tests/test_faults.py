@@ -595,7 +595,7 @@ GOOD = {"text": "A good first record about the kidney."}
 # (id, file name, what to put there, extra source settings, expected text; {path} is the file)
 CORPUS_CASES = [
     ("invalid-json", "bad.jsonl", _lines(GOOD, b'{"text": "x",}'), {},
-     "{path}:2: invalid JSON (Expecting property name enclosed in double quotes at column 14)"),
+     "{path}:2: invalid JSON (Expecting property name enclosed in double quotes; column 14)"),
     ("missing-text", "bad.jsonl", _lines(GOOD, {"title": "no body"}), {},
      "{path}:2: no 'text', 'messages' or 'question'/'answer' field (keys: ['title'])"),
     ("empty-text", "bad.jsonl", _lines(GOOD, {"text": "   "}), {}, "{path}:2: field 'text' is empty"),
