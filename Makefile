@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED := 1
 
 STAMP := $(VENV)/.installed
 
-.PHONY: setup data model teacher-cache cache-info train eval plots test test-faults test-all clean-runs
+.PHONY: setup data model teacher-cache cache-info train eval plots test test-faults clean-runs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
