@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from .cache import sha256_path
+from .cache import sha256_path, write_atomic
 from .config import mol_home
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,11 @@ class LeakageError(DefaultDataError):
         super().__init__(f"{len(violations)} evaluation questions occur in training text:\n  {shown}{more}")
 
 
+def _write_file(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, data)
+
+
 # ---------------------------------------------------------------------------------------------
 # locations
 
@@ -103,21 +108,6 @@ def _sha256_bytes(data: bytes) -> str:
 def _stable_rank(*parts: str) -> str:
     # Python's hash() is salted per process; sha256 gives the same order everywhere.
     return _sha256_bytes("\x1f".join(parts).encode("utf-8"))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Readers see the old file or the complete new one, never a truncated one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # json escapes \n but, with ensure_ascii=False, not these, which str.splitlines() and some editors
@@ -590,7 +580,7 @@ def build_default_data(out_dir: Path, download_dir: Path, *, eval_items: int = 3
         if not records:
             raise DefaultDataError(f"{rel}: no records")
         data = _jsonl_bytes(records)
-        _atomic_write(out_dir / rel, data)
+        _write_file(out_dir / rel, data)
         files[rel] = {"records": len(records), "bytes": len(data), "chars": _chars(records),
                       "sha256": _sha256_bytes(data)}
 
@@ -607,7 +597,7 @@ def build_default_data(out_dir: Path, download_dir: Path, *, eval_items: int = 3
         "eval_overlaps": _eval_overlaps(built.evals),
         "notes": built.notes,
     }
-    _atomic_write(out_dir / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    _write_file(out_dir / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     return manifest
 
 
