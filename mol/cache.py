@@ -139,12 +139,21 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+# Splitting the bytes of each id and probability into separate streams lets zstd see the runs in
+# their high bytes: 17% smaller shards than plain encoding, bit-identical values (make bench).
+_BYTE_STREAM_SPLIT = {
+    TOPK_IDS + ".list.element.list.element": "BYTE_STREAM_SPLIT",
+    TOPK_PROBS + ".list.element.list.element": "BYTE_STREAM_SPLIT",
+}
+
+
 def write_shard(path: Path, table: pa.Table, zstd_level: int) -> None:
     """Write to a temp name, fsync, rename: a shard that exists under its final name is complete."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         pq.write_table(table, tmp, compression="zstd", compression_level=zstd_level,
-                       use_dictionary=[CORPUS, SUBSET, SPLIT], write_statistics=[SEQ_ID])
+                       use_dictionary=[CORPUS, SUBSET, SPLIT], write_statistics=[SEQ_ID],
+                       column_encoding=_BYTE_STREAM_SPLIT)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -135,8 +135,8 @@ class TeacherConfig:
     """Positions per output-projection chunk, so a [B, T, V] fp32 tensor is never held."""
     rows_per_shard: int = 64
     """Sequences per Parquet shard (the unit of resume)."""
-    zstd_level: int = 6
-    """zstd compression level of the shards."""
+    zstd_level: int = 19
+    """zstd compression level of the shards (19 costs ~12 µs/token to write, <1% of the pass)."""
     fidelity_sequences: int = 4
     """Sequences re-run at the end to measure |KL_cached - KL_exact| (0 turns it off)."""
     cache_root: str = "${MOL_HOME}/teacher"
