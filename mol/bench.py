@@ -875,6 +875,12 @@ def ensure_cache(cfg: MolConfig, make_bar=None) -> Path:
     return cache_dir
 
 
+def _round_range(num: list[float], den: list[float]) -> str:
+    """The spread of the same ratio taken round by round: how far noise moves the median's ratio."""
+    r = [a / b for a, b in zip(num, den)]
+    return f"per round {min(r):.3f}–{max(r):.3f}"
+
+
 def _figure(fid: str, figure: str, measured: float, op: str, goal: float, text: str, detail: dict,
             goal_text: str | None = None, also: bool = True) -> dict:
     """One row of the report; `also` is a second condition the goal carries (e.g. fidelity)."""
@@ -1019,7 +1025,8 @@ def run_all(cfg: MolConfig, *, quick: bool = False, workdir: Optional[Path] = No
     figures = [
         _figure("stage1_vs_forward", "Stage 1 tokens/s ÷ bare forward tokens/s", stage1["ratio"], ">=", 0.92,
                 f"{stage1['ratio']:.3f} ({stage1['stage1_tokens_per_s']:.0f} vs {stage1['bare_tokens_per_s']:.0f} tok/s;"
-                f" labels alone {stage1['ratio_labels_only']:.3f})", stage1),
+                f" labels alone {stage1['ratio_labels_only']:.3f}; "
+                f"{_round_range(stage1['times']['bare'], stage1['times']['stage1'])})", stage1),
         _figure("cache_bytes_per_token", f"cache bytes/token on disk, k = {k} (current schema)",
                 cur["bytes_per_token"], "<=", 80.0,
                 f"{cur['bytes_per_token']:.1f} B/token (|ΔKL| mean {cur['kl_abs_mean']:.1e}); "
@@ -1029,13 +1036,15 @@ def run_all(cfg: MolConfig, *, quick: bool = False, workdir: Optional[Path] = No
                 goal_text="≤ 80, with mean |ΔKL| ≤ 1e-3", also=cur["kl_abs_mean"] <= 1e-3),
         _figure("mol_vs_ce_step_time", "Stage 2 MoL step time ÷ CE-only step time", stage2["ratio_mol_ce"], "<=", 1.05,
                 f"{stage2['ratio_mol_ce']:.3f} ({med(t2['mol']):.2f} s vs {med(t2['ce']):.2f} s, "
-                f"{stage2['micro_batch']}×{stage2['seq_len']} tokens)", {k_: v for k_, v in stage2.items()}),
+                f"{stage2['micro_batch']}×{stage2['seq_len']} tokens; {_round_range(t2['mol'], t2['ce'])})",
+                {k_: v for k_, v in stage2.items()}),
         _figure("mol_vs_ce_peak_memory", "Stage 2 peak memory, MoL ÷ CE-only", stage2_mem["ratio"], "<=", 1.05,
                 f"{stage2_mem['ratio']:.3f} ({mem2[0]['peak_bytes'] * gb:.2f} vs {mem2[1]['peak_bytes'] * gb:.2f} GiB)",
                 stage2_mem),
         _figure("cache_vs_online_teacher_step_time", "MoL step from the cache ÷ online teacher step (adapter "
                 "disabled, full-vocab KL)", stage2["ratio_mol_online"], "<=", 0.75,
-                f"{stage2['ratio_mol_online']:.3f} ({med(t2['mol']):.2f} s vs {med(t2['online']):.2f} s)",
+                f"{stage2['ratio_mol_online']:.3f} ({med(t2['mol']):.2f} s vs {med(t2['online']):.2f} s; "
+                f"{_round_range(t2['mol'], t2['online'])})",
                 {"mol_s": t2["mol"], "online_s": t2["online"]}),
         _figure("loss_path_memory_vs_naive", f"loss-path peak memory ÷ naive full-logits loss, "
                 f"{headline['tokens']} tokens × {headline['vocab']} vocab", headline["ratio"], "<=", 0.2,
@@ -1066,8 +1075,12 @@ def to_markdown(res: dict, command: str) -> str:
              "- every figure is a ratio of variants measured in this run: times interleaved round by round "
              "(medians), memory as each variant's own peak RSS in a fresh child process", "",
              "| figure | measured | goal | met? |", "|---|---|---|---|"]
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
     for f in res["figures"]:
-        lines.append(f"| {f['figure']} | {f['measured_text']} | {f['goal_text']} | {'yes' if f['met'] else '**no**'} |")
+        lines.append(f"| {cell(f['figure'])} | {cell(f['measured_text'])} | {cell(f['goal_text'])} |"
+                     f" {'yes' if f['met'] else '**no**'} |")
     st = res["storage"]
     s1 = next(f for f in res["figures"] if f["id"] == "stage1_vs_forward")["detail"]
     us_s1 = 1e6 / s1["stage1_tokens_per_s"]
