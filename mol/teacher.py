@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from . import cache as C
@@ -254,8 +255,6 @@ def run_teacher_pass(cfg: MolConfig, make_bar: Optional[MakeBar] = None) -> tupl
         counts: dict = {}
         for idx, start, rows in shards:
             path = cache_dir / C.SHARD_PATTERN.format(idx)
-            import pyarrow.parquet as pq
-
             t = pq.read_table(path, columns=[C.RESIDUAL])
             r = t.column(C.RESIDUAL).combine_chunks().flatten().to_numpy()
             resid_sum += float(r.astype(np.float64).sum())
