@@ -591,14 +591,14 @@ def bench_stage1(model, tokenizer, rows: list[dict], k: int, chunk: int, zstd_le
 
 @dataclass(frozen=True)
 class StorageVariant:
-    """One way to store the teacher columns. Unnamed choices are the current schema's."""
+    """One way to store the teacher columns, as changes to the current schema (mol.cache's)."""
 
     name: str
     probs: str = "fp16"          # fp16 | logp_fp16 | u8_sqrt | u10_sqrt | u12_sqrt (in uint16) | u8_log
     resid: str = "fp32"          # fp32 | fp16 | none (recomputed as 1 - sum of the stored probs)
     ids_order: str = "desc"      # desc (most probable first) | asc | asc_gap (first id, then gaps)
-    zstd: int = 6
-    encodings: tuple = ()        # ((column, parquet encoding), ...) for the leaf values
+    zstd: Optional[int] = None   # None: the config's teacher.zstd_level, as Stage 1 writes
+    encodings: tuple = ()        # ((column, parquet encoding), ...) replacing the current one for its values
     current: bool = False        # written by mol.cache itself (rows_to_table + write_shard)
 
 
@@ -608,19 +608,24 @@ _SQRT_LEVELS = {"u8_sqrt": 255, "u10_sqrt": 1023, "u12_sqrt": 4095}
 _IDS, _PROBS, _RES = C.TOPK_IDS, C.TOPK_PROBS, C.RESIDUAL
 _BSS, _DELTA = "BYTE_STREAM_SPLIT", "DELTA_BINARY_PACKED"
 
+_PLAIN = "PLAIN"
+
+# The first entry is the current schema; every other one names what it changes relative to it
+# (encodings too: a column not listed keeps the encoding mol.cache gives it).
 STORAGE_VARIANTS = [
-    StorageVariant("current: uint16 ids, fp16 probs, fp32 residual, zstd 6", current=True),
+    StorageVariant("current", current=True),
+    StorageVariant("PLAIN ids + probs", encodings=((_IDS, _PLAIN), (_PROBS, _PLAIN))),
+    StorageVariant("BYTE_STREAM_SPLIT ids, PLAIN probs", encodings=((_IDS, _BSS), (_PROBS, _PLAIN))),
+    StorageVariant("PLAIN ids, BYTE_STREAM_SPLIT probs", encodings=((_IDS, _PLAIN), (_PROBS, _BSS))),
+    StorageVariant("BYTE_STREAM_SPLIT ids + probs", encodings=((_IDS, _BSS), (_PROBS, _BSS))),
     StorageVariant("fp16 log-probs instead of probs", probs="logp_fp16"),
     StorageVariant("zstd 3", zstd=3),
     StorageVariant("zstd 9", zstd=9),
     StorageVariant("zstd 19", zstd=19),
     StorageVariant("ids ascending (probs permuted)", ids_order="asc"),
-    StorageVariant("ids ascending + DELTA_BINARY_PACKED ids", ids_order="asc", encodings=((_IDS, _DELTA),)),
-    StorageVariant("ids ascending + BYTE_STREAM_SPLIT ids", ids_order="asc", encodings=((_IDS, _BSS),)),
+    StorageVariant("ids ascending, PLAIN ids", ids_order="asc", encodings=((_IDS, _PLAIN),)),
+    StorageVariant("ids ascending, DELTA_BINARY_PACKED ids", ids_order="asc", encodings=((_IDS, _DELTA),)),
     StorageVariant("ids ascending as gaps (uint16)", ids_order="asc_gap"),
-    StorageVariant("BYTE_STREAM_SPLIT ids", encodings=((_IDS, _BSS),)),
-    StorageVariant("BYTE_STREAM_SPLIT probs", encodings=((_PROBS, _BSS),)),
-    StorageVariant("BYTE_STREAM_SPLIT ids + probs", encodings=((_IDS, _BSS), (_PROBS, _BSS))),
     StorageVariant("probs uint8 sqrt(p)", probs="u8_sqrt"),
     StorageVariant("probs uint8 log p grid", probs="u8_log"),
     StorageVariant("residual fp16", resid="fp16"),
@@ -628,18 +633,20 @@ STORAGE_VARIANTS = [
     # combinations of the single changes that pay
     StorageVariant("BSS ids + probs, fp16 residual, zstd 19", resid="fp16", zstd=19,
                    encodings=((_IDS, _BSS), (_PROBS, _BSS))),
-    StorageVariant("ids gaps + BSS, fp16 residual, zstd 19", ids_order="asc_gap", resid="fp16", zstd=19,
-                   encodings=((_IDS, _BSS),)),
     StorageVariant("fp16 log-probs, ids ascending, BSS ids + probs, fp16 residual, zstd 19", probs="logp_fp16",
                    ids_order="asc", resid="fp16", zstd=19, encodings=((_IDS, _BSS), (_PROBS, _BSS))),
     StorageVariant("uint8 sqrt probs, BSS ids, fp16 residual, zstd 19", probs="u8_sqrt", resid="fp16", zstd=19,
-                   encodings=((_IDS, _BSS),)),
+                   encodings=((_IDS, _BSS), (_PROBS, _PLAIN))),
     StorageVariant("uint12 sqrt probs (uint16), BSS ids + probs, fp16 residual, zstd 19", probs="u12_sqrt",
                    resid="fp16", zstd=19, encodings=((_IDS, _BSS), (_PROBS, _BSS))),
+    StorageVariant("uint10 sqrt probs (uint16), BSS ids + probs, fp16 residual", probs="u10_sqrt",
+                   resid="fp16", encodings=((_IDS, _BSS), (_PROBS, _BSS))),
     StorageVariant("uint10 sqrt probs (uint16), BSS ids + probs, fp16 residual, zstd 9", probs="u10_sqrt",
                    resid="fp16", zstd=9, encodings=((_IDS, _BSS), (_PROBS, _BSS))),
     StorageVariant("uint10 sqrt probs (uint16), BSS ids + probs, fp16 residual, zstd 19", probs="u10_sqrt",
                    resid="fp16", zstd=19, encodings=((_IDS, _BSS), (_PROBS, _BSS))),
+    StorageVariant("uint10 sqrt probs (uint16), ids ascending, BSS ids + probs, fp16 residual", probs="u10_sqrt",
+                   ids_order="asc", resid="fp16", encodings=((_IDS, _BSS), (_PROBS, _BSS))),
     StorageVariant("uint10 sqrt probs (uint16), ids ascending, BSS ids + probs, fp16 residual, zstd 9",
                    probs="u10_sqrt", ids_order="asc", resid="fp16", zstd=9, encodings=((_IDS, _BSS), (_PROBS, _BSS))),
     StorageVariant("uint10 sqrt probs (uint16), ids ascending, BSS ids + probs, fp16 residual, zstd 19",
@@ -699,16 +706,19 @@ def decode_labels(v: StorageVariant, ids: np.ndarray, probs: np.ndarray, resid: 
     return ids, p, r
 
 
-def write_variant(v: StorageVariant, path: Path, rows: list[dict], labels: list[tuple], k: int, vocab: int) -> float:
-    """rows: cache rows (input_ids etc.); labels: exact (ids, probs fp32, resid fp32) per row.
+def write_variant(v: StorageVariant, path: Path, rows: list[dict], labels: list[tuple], k: int, vocab: int,
+                  zstd_level: int, base_encodings: dict) -> float:
+    """rows: cache rows (input_ids etc.); labels: exact (ids, probs fp32, resid fp32) per row;
+    zstd_level / base_encodings: the current schema's, which the variant changes.
     Returns the seconds spent in the Parquet write itself (encoding + compression + I/O)."""
+    level = zstd_level if v.zstd is None else v.zstd
     if v.current:
         out = [{**{c: r[c] for c in (C.SEQ_ID, C.CORPUS, C.SUBSET, C.INPUT_IDS)}, C.SPLIT: "train",
                 C.TOPK_IDS: ids, C.TOPK_PROBS: probs.astype(np.float16), C.RESIDUAL: resid}
                for r, (ids, probs, resid) in zip(rows, labels)]
         table = C.rows_to_table(out, C.arrow_schema(k, vocab))
         t0 = time.perf_counter()
-        C.write_shard(path, table, v.zstd)
+        C.write_shard(path, table, level)
         return time.perf_counter() - t0
     id_dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
     ids = np.concatenate([x[0] for x in labels])
@@ -733,10 +743,28 @@ def write_variant(v: StorageVariant, path: Path, rows: list[dict], labels: list[
     leaf = {_IDS: ".list.element.list.element", _PROBS: ".list.element.list.element", _RES: ".list.element"}
     table = pa.table(cols)
     t0 = time.perf_counter()
-    pq.write_table(table, path, compression="zstd", compression_level=v.zstd,
+    encodings = {**base_encodings, **dict(v.encodings)}
+    encodings = {col: e for col, e in encodings.items() if col in cols}
+    pq.write_table(table, path, compression="zstd", compression_level=level,
                    use_dictionary=[C.CORPUS, C.SUBSET, C.SPLIT], write_statistics=[C.SEQ_ID],
-                   column_encoding={col + leaf[col]: e for col, e in v.encodings} or None)
+                   column_encoding={col + leaf[col]: e for col, e in encodings.items()} or None)
     return time.perf_counter() - t0
+
+
+def leaf_encodings(path: Path) -> dict:
+    """The value encoding of each teacher column in a shard: what mol.cache chose, to build upon."""
+    md = pq.ParquetFile(path).metadata.row_group(0)
+    out = {}
+    for c in range(md.num_columns):
+        col = md.column(c)
+        top = col.path_in_schema.split(".")[0]
+        if top in (_IDS, _PROBS, _RES):
+            data = [e for e in col.encodings if e not in ("RLE", "BIT_PACKED")]
+            known = [e for e in data if e in (_BSS, _DELTA, "DELTA_BYTE_ARRAY", "DELTA_LENGTH_BYTE_ARRAY")]
+            if any("DICTIONARY" in e for e in data):
+                log.warning("%s is dictionary-encoded by mol.cache; the variants write it PLAIN", top)
+            out[top] = known[0] if known else _PLAIN
+    return out
 
 
 def _column_bytes(path: Path) -> dict:
@@ -773,8 +801,10 @@ def _bucket_logits(student_logp: torch.Tensor, ids: torch.Tensor) -> tuple[torch
 
 @torch.no_grad()
 def storage_study(model, tokenizer, rows: list[dict], k: int, chunk: int, vocab: int, workdir: Path,
-                  variants: list[StorageVariant] = STORAGE_VARIANTS) -> dict:
+                  zstd_level: int, variants: list[StorageVariant] = STORAGE_VARIANTS) -> dict:
     """Bytes per token and KL fidelity of each storage variant on real teacher labels.
+
+    variants[0] must be the current schema: the others are written as changes to what it wrote.
 
     Fidelity as in mol.teacher.measure_fidelity: probe student = teacher logits / 1.5, float64,
     |KL_trunc(stored labels) - KL_trunc(exact labels: the float64 teacher's probabilities of the
@@ -787,19 +817,29 @@ def storage_study(model, tokenizer, rows: list[dict], k: int, chunk: int, vocab:
     labels = teacher_labels(model, seqs, k, chunk, tokenizer.pad_token_id, device)
     labels_ids = np.concatenate([x[0] for x in labels])
     tokens = sum(len(s) for s in seqs)
+    if not variants[0].current:
+        raise ValueError("storage_study: the first variant must be the current schema")
     results = []
     decoded = []
+    base: dict = {}
     for i, v in enumerate(variants):
         path = workdir / f"storage-{i:02d}.parquet"
-        seconds = write_variant(v, path, rows, labels, k, vocab)
-        results.append({"name": v.name, "variant": dataclasses.asdict(v), "bytes": path.stat().st_size,
+        seconds = write_variant(v, path, rows, labels, k, vocab, zstd_level, base)
+        name = v.name
+        if v.current:
+            base = leaf_encodings(path)
+            t = pq.read_schema(path)
+            name = (f"current mol.cache schema: {t.field(_IDS).type.value_type.value_type} ids ({base.get(_IDS)}), "
+                    f"{t.field(_PROBS).type.value_type.value_type} probs ({base.get(_PROBS)}), "
+                    f"{t.field(_RES).type.value_type} residual ({base.get(_RES)}), zstd {zstd_level}")
+        results.append({"name": name, "variant": dataclasses.asdict(v), "bytes": path.stat().st_size,
                         "write_us_per_token": seconds / tokens * 1e6,
                         "bytes_per_token": path.stat().st_size / tokens,
                         "column_bytes_per_token": {c: b / tokens for c, b in _column_bytes(path).items()}})
         decoded.append(read_variant(v, path))
         path.unlink()
     # the same content through this module's writer must give the current schema's bytes
-    write_variant(StorageVariant("builder check"), workdir / "check.parquet", rows, labels, k, vocab)
+    write_variant(StorageVariant("builder check"), workdir / "check.parquet", rows, labels, k, vocab, zstd_level, base)
     builder_bytes = (workdir / "check.parquet").stat().st_size
     (workdir / "check.parquet").unlink()
     if abs(builder_bytes - results[0]["bytes"]) > 0.01 * results[0]["bytes"]:
@@ -833,6 +873,7 @@ def storage_study(model, tokenizer, rows: list[dict], k: int, chunk: int, vocab:
     return {"sequences": len(seqs), "tokens": tokens, "positions": pos, "k": k,
             "kl_trunc_exact_mean": float(torch.cat(kl_exact_all).mean()),
             "probe": f"student = teacher logits / {PROBE_TEMPERATURE}", "builder_check_bytes": builder_bytes,
+            "current_encodings": base, "zstd_level": zstd_level,
             "variants": results}
 
 
@@ -962,7 +1003,8 @@ def run_all(cfg: MolConfig, *, quick: bool = False, workdir: Optional[Path] = No
         gen = [r for r in full_rows if r[C.CORPUS] == "general"]
         half = sz.storage_sequences // 2
         st_rows = dom[:half] + gen[:sz.storage_sequences - min(half, len(dom))]
-        storage = storage_study(teacher, tokenizer, st_rows, k, cfg.teacher.chunk_positions, vocab, workdir)
+        storage = storage_study(teacher, tokenizer, st_rows, k, cfg.teacher.chunk_positions, vocab, workdir,
+                                cfg.teacher.zstd_level)
         storage.update(best_storage(storage))
         del teacher
         gc.collect()

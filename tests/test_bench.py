@@ -27,7 +27,10 @@ def test_quick_bench_reports_every_figure(tiny_model_dir, tmp_path):
         assert _finite(f["measured"]) and f["measured"] >= 0, f
         assert isinstance(f["met"], bool) and f["goal_text"] and f["measured_text"]
     variants = res["storage"]["variants"]
-    assert [v["name"] for v in variants] == [v.name for v in B.STORAGE_VARIANTS]
+    assert [v["name"] for v in variants[1:]] == [v.name for v in B.STORAGE_VARIANTS[1:]]
+    assert variants[0]["name"].startswith("current mol.cache schema")
+    # the variants are written as changes to what mol.cache writes: unchanged, the same bytes
+    assert res["storage"]["builder_check_bytes"] == pytest.approx(variants[0]["bytes"], rel=0.01)
     for v in variants:
         assert _finite(v["bytes_per_token"]) and _finite(v["kl_abs_mean"]) and _finite(v["kl_abs_max"]), v
     # fp16 labels lose almost nothing; that is what the fidelity column is for
