@@ -75,7 +75,7 @@ def subset_losses(model, seqs: C.Sequences, k: int, device: torch.device, batch_
     Returns {"ce/<subset>": float, "kl_to_base/<subset>": float, "tokens/<subset>": int,
     "ce/<corpus>": float, "kl_to_base/<corpus>": float}. CE is the mean next-token NLL (exp of it
     is the perplexity); KL is the truncated reverse KL to the cached teacher (0 for the base model
-    up to the cache's fp16 rounding).
+    up to the cache's quantisation).
     """
     was_training = model.training
     model.eval()

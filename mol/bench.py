@@ -512,8 +512,8 @@ def long_rows(seqs: C.Sequences, length: int, n: int) -> list[dict]:
         a, p = a0 + j * length, p0 + j * length
         out.append({C.SEQ_ID: j, C.CORPUS: "general", C.SUBSET: "bench", C.INPUT_IDS: seqs.input_ids[a:a + length],
                     C.TOPK_IDS: seqs.teacher_topk_ids[p:p + length - 1],
-                    C.TOPK_PROBS: seqs.teacher_topk_probs[p:p + length - 1],
-                    C.RESIDUAL: seqs.teacher_residual[p:p + length - 1]})
+                    C.TOPK_PROBS: C.decode_probs(seqs.teacher_topk_probs[p:p + length - 1]),
+                    C.RESIDUAL: seqs.teacher_residual[p:p + length - 1].astype(np.float32)})
     return out
 
 
@@ -572,9 +572,9 @@ def bench_stage1(model, tokenizer, rows: list[dict], k: int, chunk: int, zstd_le
         t1 = time.perf_counter()
         out = []
         for r, (ids, probs, resid) in zip(rows, labels):
+            sid, codes, sres = C.encode_labels(ids, probs, resid, vocab)
             out.append({C.SEQ_ID: r[C.SEQ_ID], C.CORPUS: r[C.CORPUS], C.SUBSET: r[C.SUBSET], C.SPLIT: "train",
-                        C.INPUT_IDS: r[C.INPUT_IDS], C.TOPK_IDS: ids, C.TOPK_PROBS: probs.astype(np.float16),
-                        C.RESIDUAL: resid})
+                        C.INPUT_IDS: r[C.INPUT_IDS], C.TOPK_IDS: sid, C.TOPK_PROBS: codes, C.RESIDUAL: sres})
         C.write_shard(shard, C.rows_to_table(out, schema), zstd_level)
         return {"labels": t1 - t0, "write": time.perf_counter() - t1}
 
@@ -591,20 +591,20 @@ def bench_stage1(model, tokenizer, rows: list[dict], k: int, chunk: int, zstd_le
 
 @dataclass(frozen=True)
 class StorageVariant:
-    """One way to store the teacher columns, as changes to the current schema (mol.cache's)."""
+    """One way to store the teacher columns, as changes to the current schema (mol.cache's, v2)."""
 
     name: str
-    probs: str = "fp16"          # fp16 | logp_fp16 | u8_sqrt | u10_sqrt | u12_sqrt (in uint16) | u8_log
-    resid: str = "fp32"          # fp32 | fp16 | none (recomputed as 1 - sum of the stored probs)
-    ids_order: str = "desc"      # desc (most probable first) | asc | asc_gap (first id, then gaps)
+    probs: str = "u10_sqrt"      # fp16 | logp_fp16 | u8_sqrt | u10_sqrt | u12_sqrt (in uint16) | u8_log
+    resid: str = "fp16"          # fp32 | fp16 | none (recomputed as 1 - sum of the stored probs)
+    ids_order: str = "asc"       # desc (most probable first) | asc | asc_gap (first id, then gaps)
     zstd: Optional[int] = None   # None: the config's teacher.zstd_level, as Stage 1 writes
     encodings: tuple = ()        # ((column, parquet encoding), ...) replacing the current one for its values
-    current: bool = False        # written by mol.cache itself (rows_to_table + write_shard)
+    current: bool = False        # written and read by mol.cache itself (encode_labels, write_shard, decode_probs)
 
 
 _U8_LOG_STEP = 20.0 / 255  # log-prob grid: p in [2e-9, 1], relative step 8%
 # sqrt(p) on a uniform grid: absolute error in p ~ sqrt(p) / levels, finest where the mass is
-_SQRT_LEVELS = {"u8_sqrt": 255, "u10_sqrt": 1023, "u12_sqrt": 4095}
+_SQRT_LEVELS = {"u8_sqrt": 255, "u10_sqrt": C.PROB_LEVELS, "u12_sqrt": 4095}
 _IDS, _PROBS, _RES = C.TOPK_IDS, C.TOPK_PROBS, C.RESIDUAL
 _BSS, _DELTA = "BYTE_STREAM_SPLIT", "DELTA_BINARY_PACKED"
 
@@ -612,45 +612,28 @@ _PLAIN = "PLAIN"
 
 # The first entry is the current schema; every other one names what it changes relative to it
 # (encodings too: a column not listed keeps the encoding mol.cache gives it).
+_SCHEMA1 = dict(probs="fp16", resid="fp32", ids_order="desc")
 STORAGE_VARIANTS = [
     StorageVariant("current", current=True),
     StorageVariant("PLAIN ids + probs", encodings=((_IDS, _PLAIN), (_PROBS, _PLAIN))),
-    StorageVariant("BYTE_STREAM_SPLIT ids, PLAIN probs", encodings=((_IDS, _BSS), (_PROBS, _PLAIN))),
-    StorageVariant("PLAIN ids, BYTE_STREAM_SPLIT probs", encodings=((_IDS, _PLAIN), (_PROBS, _BSS))),
-    StorageVariant("BYTE_STREAM_SPLIT ids + probs", encodings=((_IDS, _BSS), (_PROBS, _BSS))),
-    StorageVariant("fp16 log-probs instead of probs", probs="logp_fp16"),
+    StorageVariant("PLAIN ids", encodings=((_IDS, _PLAIN),)),
+    StorageVariant("PLAIN probs", encodings=((_PROBS, _PLAIN),)),
+    StorageVariant("DELTA_BINARY_PACKED ids", encodings=((_IDS, _DELTA),)),
     StorageVariant("zstd 3", zstd=3),
     StorageVariant("zstd 9", zstd=9),
-    StorageVariant("zstd 19", zstd=19),
-    StorageVariant("ids ascending (probs permuted)", ids_order="asc"),
-    StorageVariant("ids ascending, PLAIN ids", ids_order="asc", encodings=((_IDS, _PLAIN),)),
-    StorageVariant("ids ascending, DELTA_BINARY_PACKED ids", ids_order="asc", encodings=((_IDS, _DELTA),)),
-    StorageVariant("ids ascending as gaps (uint16)", ids_order="asc_gap"),
-    StorageVariant("probs uint8 sqrt(p)", probs="u8_sqrt"),
-    StorageVariant("probs uint8 log p grid", probs="u8_log"),
-    StorageVariant("residual fp16", resid="fp16"),
+    StorageVariant("zstd 22", zstd=22),
+    StorageVariant("ids most probable first", ids_order="desc"),
+    StorageVariant("ids as gaps (first id, then differences)", ids_order="asc_gap"),
+    StorageVariant("probs fp16", probs="fp16"),
+    StorageVariant("probs fp16 log-probs", probs="logp_fp16"),
+    StorageVariant("probs uint12 sqrt(p) (uint16)", probs="u12_sqrt"),
+    StorageVariant("probs uint8 sqrt(p)", probs="u8_sqrt", encodings=((_PROBS, _PLAIN),)),
+    StorageVariant("probs uint8 log p grid", probs="u8_log", encodings=((_PROBS, _PLAIN),)),
+    StorageVariant("residual fp32", resid="fp32"),
     StorageVariant("no residual (1 - sum probs)", resid="none"),
-    # combinations of the single changes that pay
-    StorageVariant("BSS ids + probs, fp16 residual, zstd 19", resid="fp16", zstd=19,
-                   encodings=((_IDS, _BSS), (_PROBS, _BSS))),
-    StorageVariant("fp16 log-probs, ids ascending, BSS ids + probs, fp16 residual, zstd 19", probs="logp_fp16",
-                   ids_order="asc", resid="fp16", zstd=19, encodings=((_IDS, _BSS), (_PROBS, _BSS))),
-    StorageVariant("uint8 sqrt probs, BSS ids, fp16 residual, zstd 19", probs="u8_sqrt", resid="fp16", zstd=19,
-                   encodings=((_IDS, _BSS), (_PROBS, _PLAIN))),
-    StorageVariant("uint12 sqrt probs (uint16), BSS ids + probs, fp16 residual, zstd 19", probs="u12_sqrt",
-                   resid="fp16", zstd=19, encodings=((_IDS, _BSS), (_PROBS, _BSS))),
-    StorageVariant("uint10 sqrt probs (uint16), BSS ids + probs, fp16 residual", probs="u10_sqrt",
-                   resid="fp16", encodings=((_IDS, _BSS), (_PROBS, _BSS))),
-    StorageVariant("uint10 sqrt probs (uint16), BSS ids + probs, fp16 residual, zstd 9", probs="u10_sqrt",
-                   resid="fp16", zstd=9, encodings=((_IDS, _BSS), (_PROBS, _BSS))),
-    StorageVariant("uint10 sqrt probs (uint16), BSS ids + probs, fp16 residual, zstd 19", probs="u10_sqrt",
-                   resid="fp16", zstd=19, encodings=((_IDS, _BSS), (_PROBS, _BSS))),
-    StorageVariant("uint10 sqrt probs (uint16), ids ascending, BSS ids + probs, fp16 residual", probs="u10_sqrt",
-                   ids_order="asc", resid="fp16", encodings=((_IDS, _BSS), (_PROBS, _BSS))),
-    StorageVariant("uint10 sqrt probs (uint16), ids ascending, BSS ids + probs, fp16 residual, zstd 9",
-                   probs="u10_sqrt", ids_order="asc", resid="fp16", zstd=9, encodings=((_IDS, _BSS), (_PROBS, _BSS))),
-    StorageVariant("uint10 sqrt probs (uint16), ids ascending, BSS ids + probs, fp16 residual, zstd 19",
-                   probs="u10_sqrt", ids_order="asc", resid="fp16", zstd=19, encodings=((_IDS, _BSS), (_PROBS, _BSS))),
+    StorageVariant("schema 1: ids most probable first, fp16 probs, fp32 residual", **_SCHEMA1),
+    StorageVariant("schema 1 with PLAIN encodings, zstd 6", **_SCHEMA1, zstd=6,
+                   encodings=((_IDS, _PLAIN), (_PROBS, _PLAIN))),
 ]
 
 
@@ -694,7 +677,9 @@ def decode_labels(v: StorageVariant, ids: np.ndarray, probs: np.ndarray, resid: 
     ids = ids.astype(np.int64)
     if v.ids_order == "asc_gap":
         ids = np.cumsum(ids, axis=1)
-    if v.probs == "fp16":
+    if v.current:
+        p = C.decode_probs(probs).astype(np.float64)
+    elif v.probs == "fp16":
         p = probs.astype(np.float64)
     elif v.probs == "logp_fp16":
         p = np.exp(probs.astype(np.float64))
@@ -713,9 +698,11 @@ def write_variant(v: StorageVariant, path: Path, rows: list[dict], labels: list[
     Returns the seconds spent in the Parquet write itself (encoding + compression + I/O)."""
     level = zstd_level if v.zstd is None else v.zstd
     if v.current:
-        out = [{**{c: r[c] for c in (C.SEQ_ID, C.CORPUS, C.SUBSET, C.INPUT_IDS)}, C.SPLIT: "train",
-                C.TOPK_IDS: ids, C.TOPK_PROBS: probs.astype(np.float16), C.RESIDUAL: resid}
-               for r, (ids, probs, resid) in zip(rows, labels)]
+        out = []
+        for r, (ids, probs, resid) in zip(rows, labels):
+            sid, codes, sres = C.encode_labels(ids, probs, resid, vocab)
+            out.append({**{c: r[c] for c in (C.SEQ_ID, C.CORPUS, C.SUBSET, C.INPUT_IDS)}, C.SPLIT: "train",
+                        C.TOPK_IDS: sid, C.TOPK_PROBS: codes, C.RESIDUAL: sres})
         table = C.rows_to_table(out, C.arrow_schema(k, vocab))
         t0 = time.perf_counter()
         C.write_shard(path, table, level)

@@ -5,7 +5,7 @@ the training's doing:
 
     ppl/<subset>         exp(mean next-token CE) on the cache's validation sequences
     kl_to_base/<subset>  truncated reverse KL to the cached base-model labels (0 for the base itself,
-                         up to the cache's fp16 rounding): how far training moved the model
+                         up to the cache's quantisation): how far training moved the model
     acc/<set>            multiple-choice accuracy by length-normalised log-likelihood: each choice is
                          rendered as the assistant's answer to the question through the chat template,
                          scored by the mean log-prob of its tokens, and the best-scoring choice is the

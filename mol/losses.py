@@ -132,7 +132,7 @@ def _truncated_kl_from_logprobs(
     dt = student_logp_topk.dtype
     q = teacher_topk_probs.to(dt).clamp_min(0.0)
     r0 = teacher_residual.to(dt).clamp_min(0.0)
-    # The cache rounds probs/residual to fp16, so its k+1 buckets sum to 1 +- ~1e-3. Gibbs'
+    # The cache quantises probs and residual (mol.cache), so its k+1 buckets sum to 1 +- ~1e-3. Gibbs'
     # inequality (KL >= 0) only holds between two *normalised* distributions; with a teacher
     # summing to c > 1 the "KL" can go as low as -log(c) < 0. Renormalising restores KL >= 0 and
     # does not change the student's gradient: it shifts every log q of a position by the same
@@ -140,7 +140,7 @@ def _truncated_kl_from_logprobs(
     total = (q.sum(dim=-1) + r0).clamp_min(PROB_FLOOR)
     q = q / total.unsqueeze(-1)
     r0 = r0 / total
-    # Floored, not masked: a zero teacher bucket (fp16 underflow, or residual 0) must still give
+    # Floored, not masked: a zero teacher bucket (an underflowed probability, or residual 0) must still give
     # a finite log. The floor adds at most (k+1)*1e-30 of mass, so KL >= 0 is kept to ~1e-28.
     log_q = q.clamp_min(PROB_FLOOR).log()
     log_r0 = r0.clamp_min(PROB_FLOOR).log()
@@ -179,7 +179,7 @@ def truncated_reverse_kl(
         student_logits: ``[N, V]`` any float dtype; computed in float64 if given float64, else
             float32.
         teacher_topk_ids: ``[N, K]`` int64, distinct ids per row (``K <= V``).
-        teacher_topk_probs: ``[N, K]`` float (fp16 from the cache is fine).
+        teacher_topk_probs: ``[N, K]`` float (decoded cache probabilities).
         teacher_residual: ``[N]`` float, teacher mass outside the top-k.
 
     Returns:
@@ -295,7 +295,7 @@ def chunked_mol_loss(
         target_ids: ``[B, T]`` int64 (any value at masked positions, e.g. -100).
         mask: ``[B, T]`` bool, False = padding, ignored everywhere.
         teacher_topk_ids: ``[B, T, K]`` int64 or None (only if all w_kl == 0).
-        teacher_topk_probs: ``[B, T, K]`` float (fp16 ok) or None.
+        teacher_topk_probs: ``[B, T, K]`` float or None.
         teacher_residual: ``[B, T]`` float or None.
         w_ce: ``[B]`` float CE weight per sequence.
         w_kl: ``[B]`` float KL weight per sequence.

@@ -33,7 +33,7 @@ def test_quick_bench_reports_every_figure(tiny_model_dir, tmp_path):
     assert res["storage"]["builder_check_bytes"] == pytest.approx(variants[0]["bytes"], rel=0.01)
     for v in variants:
         assert _finite(v["bytes_per_token"]) and _finite(v["kl_abs_mean"]) and _finite(v["kl_abs_max"]), v
-    # fp16 labels lose almost nothing; that is what the fidelity column is for
+    # the stored labels lose almost nothing (the fidelity column says how much)
     assert variants[0]["kl_abs_mean"] < 1e-3
     loss_rows = res["scaling"]["loss_path"]
     assert {r["sweep"] for r in loss_rows} == {"seq_len", "vocab"}
