@@ -58,6 +58,12 @@ test-faults: data model
 clean-runs:
 	rm -rf runs
 
-.PHONY: bench
+.PHONY: bench experiment
 bench: data model
 	$(PY) -m stages.bench $(ARGS)
+
+# The paper's claims from one cache: six runs, ~1.5 h on a 2-core CPU (docs/experiment/README.md)
+EXPERIMENT_CONFIG ?= data/experiment.yaml
+JOBS ?= 2
+experiment: data model
+	$(PY) -m stages.experiment $(EXPERIMENT_CONFIG) --jobs $(JOBS) $(ARGS)

@@ -219,6 +219,10 @@ class TrainConfig:
     """Seed for adapters init, data order and dropout."""
     eval_every: int = 10
     """Validation every N optimizer steps (and at the end); 0 only at the end."""
+    grad_probe_sequences: int = 0
+    """At each validation, the gradient norms of the CE and of the KL term, each alone and unweighted,
+    on the first N general training sequences (the paper's claim that KL gradients stay below CE's);
+    0 disables. Costs two forward/backward passes on N sequences per validation."""
     save_every: int = 0
     """Checkpoint every N optimizer steps (0: only at the end)."""
     out_dir: str = "runs"
@@ -251,6 +255,8 @@ class TrainConfig:
             out.append("set train.epochs > 0 or train.max_steps")
         if self.max_steps is not None and self.max_steps < 1:
             out.append(f"train.max_steps must be >= 1, got {self.max_steps}")
+        if self.grad_probe_sequences < 0:
+            out.append(f"train.grad_probe_sequences must be >= 0, got {self.grad_probe_sequences}")
         if self.loss_chunk < 1:
             out.append(f"train.loss_chunk must be >= 1, got {self.loss_chunk}")
         if self.grad_clip < 0:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,8 +238,9 @@ def score_set(model, s: EncodedSet, device: torch.device, progress: Progress | N
         preds.append(max(range(len(scores)), key=scores.__getitem__))
         if progress:
             progress(sum(len(ids) for ids, _ in enc))
-    correct = sum(p == it.answer_index for p, it in zip(preds, s.items))
-    return {"accuracy": correct / len(s.items), "correct": correct, "n": len(s.items), "predictions": preds}
+    hits = [int(p == it.answer_index) for p, it in zip(preds, s.items)]
+    return {"accuracy": sum(hits) / len(s.items), "correct": sum(hits), "n": len(s.items), "predictions": preds,
+            "hits": hits}
 
 
 # --------------------------------------------------------------------------- perplexity
@@ -299,6 +301,7 @@ def _evaluate_model(model, label: str, val: C.Sequences | None, k: int, sets: li
         r = score_set(model, s, device, make_bar(s.tokens, f"{s.name} {label}"))
         res[f"acc/{s.name}"] = r["accuracy"]
         res[f"correct/{s.name}"] = r["correct"]
+        res[f"hits/{s.name}"] = r["hits"]  # per item, for paired comparisons between models
         preds[s.name] = r["predictions"]
     shown = [f"ppl/{c}" for c in CORPORA] + [f"acc/{s.name}" for s in sets]
     log.info("%s: %s", label, "  ".join(f"{key}={res[key]:.4g}" for key in shown if key in res))
@@ -319,12 +322,14 @@ def _subset_corpora(val: C.Sequences | None) -> dict[str, str]:
 
 
 def evaluate_run(run_dir: Path, *, mcq_items: int | None = None, eval_dir: Path | None = None,
-                 make_bar: Optional[MakeBar] = None) -> dict:
+                 make_bar: Optional[MakeBar] = None, base_json: Path | None = None) -> dict:
     """Evaluate base and trained model of a run; write run_dir/eval.json and eval.md; return the result.
 
     mcq_items: items per MCQ set (first N of each file; default cfg.eval.mcq_items, 0 skips MCQ).
     eval_dir: folder holding <set>.jsonl for every name in cfg.eval.mcq_sets (default: the default
     data's eval/ folder). make_bar(total_tokens, description) -> update(n) reports progress.
+    base_json: runs sharing a cache share the base model's figures: read them from this file when
+    it holds an evaluation of the same cache, MCQ files and item count; else compute and write it.
     """
     run_dir = Path(run_dir)
     make_bar = make_bar or _no_bar
@@ -360,7 +365,22 @@ def evaluate_run(run_dir: Path, *, mcq_items: int | None = None, eval_dir: Path 
     device = pick_device(cfg.model.device)
 
     model = load_model(model_path, cfg.model, device=device)
-    base = _evaluate_model(model, "base", val, cache.k, sets, cfg, device, make_bar)
+    base_key = {"cache_dir": str(cache.path), "mcq_items": n_items, "max_val_sequences": cfg.eval.max_val_sequences,
+                "mcq": {s.name: str(s.path) for s in sets}}
+    base = None
+    if base_json is not None and Path(base_json).is_file():
+        saved = json.loads(Path(base_json).read_text())
+        if saved.get("key") == base_key:
+            base = saved["base"]
+            log.info("base model figures from %s", base_json)
+        else:
+            log.warning("%s was computed for another cache or eval sets: evaluating the base again", base_json)
+    if base is None:
+        base = _evaluate_model(model, "base", val, cache.k, sets, cfg, device, make_bar)
+        if base_json is not None:
+            tmp = Path(base_json).with_suffix(".tmp")
+            tmp.write_text(json.dumps({"key": base_key, "base": base}, indent=2) + "\n")
+            os.replace(tmp, base_json)
     if kind == "lora":
         from peft import PeftModel
 

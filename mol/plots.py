@@ -185,14 +185,15 @@ def plot_run(run_dir: Path) -> list[Path]:
     ]
 
 
-def plot_compare(run_dirs: list[Path], out: Path, key: str = "ce/domain") -> Path:
-    """One validation metric of several runs on one axis (e.g. an α or ratio sweep)."""
-    fig, ax = _new_axes(f"validation {key} across runs", key)
+def plot_compare(run_dirs: list[Path], out: Path, key: str = "ce/domain", records: str = "val",
+                 title: str | None = None) -> Path:
+    """One metric of several runs on one axis (e.g. an α or ratio sweep); records: "val" or "train"."""
+    fig, ax = _new_axes(title or f"{'validation' if records == 'val' else 'training'} {key} across runs", key)
     colours = colormaps["tab10"]
     plotted = 0
     for i, run_dir in enumerate(map(Path, run_dirs)):
-        _, val = read_metrics(run_dir / METRICS)
-        x, y = series(val, key)
+        train, val = read_metrics(run_dir / METRICS)
+        x, y = series(val if records == "val" else train, key)
         if not x:
             log.warning("%s: no validation %s; left out of the comparison", run_dir, key)
             continue

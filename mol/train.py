@@ -173,6 +173,28 @@ def load_checkpoint(run_dir: Path, model, opt) -> int:
 # --------------------------------------------------------------------------- the loop
 
 
+def grad_probe(model, params: list, rows: list[dict], k: int, chunk: int, device: torch.device) -> dict:
+    """Global gradient norms of the mean-per-sequence CE and truncated KL, each alone and unweighted,
+    on the same sequences (dropout off). Leaves every .grad as None: call it between optimizer steps."""
+    was_training = model.training
+    model.eval()
+    b = collate(rows, k, device, with_teacher=True)
+    n = len(rows)
+    ones, zeros = torch.ones(n, device=device), torch.zeros(n, device=device)
+    out = {}
+    for name, w_ce, w_kl in (("ce", ones, zeros), ("kl", zeros, ones)):
+        h = model_hidden(model, b)[:, :-1]
+        res = chunked_mol_loss(h, output_weight(model), b["target_ids"], b["mask"], b[C.TOPK_IDS],
+                               b[C.TOPK_PROBS], b[C.RESIDUAL], w_ce, w_kl * b["has_teacher"], chunk_size=chunk)
+        (res.loss_sum / n).backward()
+        sq = sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None)
+        out[f"grad_probe/{name}"] = math.sqrt(sq)
+        for p in params:
+            p.grad = None
+    model.train(was_training)
+    return out
+
+
 def default_run_name(cfg: MolConfig) -> str:
     t = cfg.train
     return f"{t.mode}-a{t.alpha:g}-r{t.general_ratio:g}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -290,10 +312,13 @@ def train(cfg: MolConfig, make_bar: Optional[MakeBar] = None, stop_after: Option
         res = subset_losses(model, val, k, device, batch_size=cfg.eval.batch_size, chunk=t.loss_chunk,
                             max_per_subset=cfg.eval.max_val_sequences)
         rec = {"type": "val", "step": step, **res}
+        if t.grad_probe_sequences:
+            probe_rows = [gen.row(i) for i in range(min(t.grad_probe_sequences, len(gen)))]
+            rec.update(grad_probe(model, params, probe_rows, k, t.loss_chunk, device))
         _jsonl_append(metrics_path, rec)
         if tb:
-            for key, v in res.items():
-                if not key.startswith("tokens/"):
+            for key, v in rec.items():
+                if key not in ("type", "step") and not key.startswith("tokens/"):
                     tb.add_scalar(f"val/{key}", v, step)
         log.info("val step %d: %s", step, "  ".join(f"{k_}={v:.4f}" for k_, v in res.items() if k_.startswith("ce/")))
         return rec

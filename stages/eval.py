@@ -1,6 +1,6 @@
 """Evaluate a training run: held-out perplexity, KL-to-base and MCQ accuracy, base vs trained.
 
-    python -m stages.eval RUN_DIR [--mcq-items N] [--eval-dir DIR]
+    python -m stages.eval RUN_DIR [--mcq-items N] [--eval-dir DIR] [--base-json FILE]
 Writes RUN_DIR/eval.json and RUN_DIR/eval.md. Exit status 2 when the run, its cache or an
 evaluation file is missing.
 """
@@ -24,12 +24,15 @@ def main(argv=None) -> int:
     ap.add_argument("--mcq-items", type=int, default=None, help="items per MCQ set (default: eval.mcq_items)")
     ap.add_argument("--eval-dir", type=Path, default=None,
                     help="folder with <set>.jsonl MCQ files (default: the default data's eval/)")
+    ap.add_argument("--base-json", type=Path, default=None,
+                    help="reuse the base model's figures from this file (runs sharing a cache), or write them there")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         # checked here too so a wrong path fails before any model or cache is touched
         _, summary = read_run(args.run_dir)
         trained_weights(args.run_dir, summary)
-        result = evaluate_run(args.run_dir, mcq_items=args.mcq_items, eval_dir=args.eval_dir, make_bar=token_bar)
+        result = evaluate_run(args.run_dir, mcq_items=args.mcq_items, eval_dir=args.eval_dir, make_bar=token_bar,
+                              base_json=args.base_json)
     except (ConfigError, CacheError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
