@@ -141,9 +141,18 @@ class TeacherConfig:
     """Sequences re-run at the end to measure |KL_cached - KL_exact| (0 turns it off)."""
     cache_root: str = "${MOL_HOME}/teacher"
     """Folder holding caches, one sub-folder per fingerprint."""
+    num_workers: int = 1
+    """Sharded Stage 1: N independent processes (one per GPU or node) split the shards i by i % N;
+    the cache content does not depend on N. With N > 1 a finalize step writes the manifest."""
+    worker_index: int = 0
+    """This process's index in [0, num_workers)."""
 
     def validate(self) -> list[str]:
         out = []
+        if self.num_workers < 1:
+            out.append(f"teacher.num_workers must be >= 1, got {self.num_workers}")
+        elif not 0 <= self.worker_index < self.num_workers:
+            out.append(f"teacher.worker_index must be in [0, {self.num_workers}), got {self.worker_index}")
         for name in ("top_k", "batch_size", "chunk_positions", "rows_per_shard"):
             if getattr(self, name) < 1:
                 out.append(f"teacher.{name} must be >= 1, got {getattr(self, name)}")

@@ -89,15 +89,17 @@ def teacher_labels(model, batch: list[list[int]], k: int, chunk: int, pad_id: in
 
 
 @contextmanager
-def cache_lock(cache_dir: Path):
-    """One teacher pass per cache at a time: a second one is refused, not interleaved."""
+def cache_lock(cache_dir: Path, worker: int | None = None):
+    """One teacher pass per cache (or per worker of a sharded pass) at a time: a second is refused."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(cache_dir / ".lock", os.O_CREAT | os.O_RDWR)
+    name = ".lock" if worker is None else f".lock-worker-{worker:04d}"
+    fd = os.open(cache_dir / name, os.O_CREAT | os.O_RDWR)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise C.CacheError(f"{cache_dir}: another teacher pass is writing this cache (lock held)") from None
+            who = "another teacher pass" if worker is None else f"another process as worker {worker}"
+            raise C.CacheError(f"{cache_dir}: {who} is writing this cache (lock held)") from None
         yield
     finally:
         os.close(fd)
@@ -190,12 +192,8 @@ def measure_fidelity(model, cache: C.TeacherCache, n_sequences: int, chunk: int,
     }
 
 
-def run_teacher_pass(cfg: MolConfig, make_bar: Optional[MakeBar] = None) -> tuple[Path, str]:
-    """Build (or resume, or reuse) the cache for `cfg`. Returns (cache_dir, status) with status in
-    {"built", "resumed", "up-to-date"}."""
-    make_bar = make_bar or (lambda total, desc: (lambda n: None))
-    t0 = time.time()
-    device = pick_device(cfg.model.device)
+def _prepare(cfg: MolConfig):
+    """Resolve the cache key (file hashes only) and check k against the vocabulary, before any packing."""
     from .model import resolve_model_path
 
     model_path = resolve_model_path(cfg.model.name)
@@ -207,33 +205,60 @@ def run_teacher_pass(cfg: MolConfig, make_bar: Optional[MakeBar] = None) -> tupl
         raise ConfigError([f"teacher.top_k = {k} must be < the model's vocabulary size {vocab}"])
     with _input_errors():
         rk = C.resolve_cache_key(cfg, tokenizer)
+    return rk, tokenizer, vocab
+
+
+def _worker_stats_path(cache_dir: Path, index: int) -> Path:
+    return cache_dir / f"worker-{index:04d}.json"
+
+
+def run_teacher_pass(cfg: MolConfig, make_bar: Optional[MakeBar] = None) -> tuple[Path, str]:
+    """Build (or resume, or reuse) the cache for `cfg`. Returns (cache_dir, status) with status in
+    {"built", "resumed", "up-to-date", "worker-done"}.
+
+    With teacher.num_workers = N > 1 this process writes only the shards i with i % N ==
+    teacher.worker_index (disjoint across workers, each under its own lock), and returns
+    "worker-done" without a manifest: `finalize_cache` checks that every shard exists and writes it.
+    Shard boundaries and batches do not depend on N, so the shards are those a single worker writes.
+    """
+    make_bar = make_bar or (lambda total, desc: (lambda n: None))
+    t0 = time.time()
+    device = pick_device(cfg.model.device)
+    rk, tokenizer, vocab = _prepare(cfg)
+    k = cfg.teacher.top_k
+    n_workers, me = cfg.teacher.num_workers, cfg.teacher.worker_index
     cache_dir = rk.cache_dir
     if (cache_dir / C.MANIFEST).is_file():
         log.info("cache %s is complete for this config: nothing to do", cache_dir)
         return cache_dir, "up-to-date"
 
-    with cache_lock(cache_dir):
-        for stale in cache_dir.glob("*.tmp*"):
-            stale.unlink()  # a killed writer's leftovers; never visible under a final name
+    with cache_lock(cache_dir, None if n_workers == 1 else me):
         with _input_errors():
             seqs, reports = pack_corpora(cfg.data, tokenizer, cfg.model.chat_template_kwargs)
+        shards = list(_shard_rows(seqs, cfg.teacher.rows_per_shard))
+        mine = [sh for sh in shards if sh[0] % n_workers == me]
+        for idx, _, _ in mine:  # a killed writer's leftovers (never visible under a final name)
+            for stale in cache_dir.glob(C.SHARD_PATTERN.format(idx) + ".tmp*"):
+                stale.unlink()
         model = load_model(rk.model_path, cfg.model, device=device).eval()
         vocab = max(vocab, model.get_output_embeddings().weight.shape[0])
         if k >= vocab:
             raise ConfigError([f"teacher.top_k = {k} must be < the model's vocabulary size {vocab}"])
         schema = C.arrow_schema(k, vocab)
-        dump_config(cfg, cache_dir / "config.yaml")
-        shards = list(_shard_rows(seqs, cfg.teacher.rows_per_shard))
-        existing = [i for i, _, _ in shards if (cache_dir / C.SHARD_PATTERN.format(i)).is_file()]
+        if me == 0:
+            dump_config(cfg, cache_dir / "config.yaml")
+        existing = [i for i, _, _ in mine if (cache_dir / C.SHARD_PATTERN.format(i)).is_file()]
         status = "resumed" if existing else "built"
         if existing:
-            log.info("resuming: %d of %d shards already written", len(existing), len(shards))
-        total_tokens = sum(len(s.input_ids) for s in seqs)
-        done_tokens = sum(len(s.input_ids) for i, _, rows in shards if i in existing for s in rows)
-        bar = make_bar(total_tokens, "teacher pass")
+            log.info("resuming: %d of %d shards already written", len(existing), len(mine))
+        if n_workers > 1:
+            log.info("worker %d of %d: %d of %d shards", me, n_workers, len(mine), len(shards))
+        total_tokens = sum(len(s.input_ids) for _, _, rows in mine for s in rows)
+        done_tokens = sum(len(s.input_ids) for i, _, rows in mine if i in existing for s in rows)
+        bar = make_bar(total_tokens, "teacher pass" if n_workers == 1 else f"teacher pass, worker {me}/{n_workers}")
         bar(done_tokens)
         t_fwd, fwd_tokens = 0.0, 0
-        for idx, start, rows in shards:
+        for idx, start, rows in mine:
             path = cache_dir / C.SHARD_PATTERN.format(idx)
             if path.is_file():
                 continue
@@ -255,53 +280,98 @@ def run_teacher_pass(cfg: MolConfig, make_bar: Optional[MakeBar] = None) -> tupl
                     out_rows.append(row)
                     bar(len(s.input_ids))
             C.write_shard(path, C.rows_to_table(out_rows, schema), cfg.teacher.zstd_level)
-
-        # every shard exists: checksum, gather statistics, then write the manifest last
-        shard_meta, resid_sample, resid_sum, resid_n = [], [], 0.0, 0
-        counts: dict = {}
-        for idx, start, rows in shards:
-            path = cache_dir / C.SHARD_PATTERN.format(idx)
-            t = pq.read_table(path, columns=[C.RESIDUAL])
-            r = t.column(C.RESIDUAL).combine_chunks().flatten().to_numpy()
-            resid_sum += float(r.astype(np.float64).sum())
-            resid_n += len(r)
-            resid_sample.append(_residual_sample(r, 512))
-            shard_meta.append({"file": path.name, "rows": len(rows), "tokens": sum(len(s.input_ids) for s in rows),
-                               "bytes": path.stat().st_size, "sha256": C.sha256_path(path),
-                               "seq_id_range": [start, start + len(rows) - 1]})
-            for s in rows:
-                c = counts.setdefault(f"{s.corpus}/{s.subset}/{s.split}", {"sequences": 0, "tokens": 0})
-                c["sequences"] += 1
-                c["tokens"] += len(s.input_ids)
-        rs = np.concatenate(resid_sample) if resid_sample else np.zeros(1)
-        total_bytes = sum(s["bytes"] for s in shard_meta)
-        manifest = {
-            "schema_version": C.SCHEMA_VERSION,
-            "fingerprint": rk.fingerprint,
-            "key": rk.key,
-            "model": {"name": cfg.model.name, "path": str(rk.model_path), "vocab_size": vocab},
-            "tokenizer": {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
-            "sources": [r.__dict__ for r in reports],
-            "counts": counts,
-            "totals": {"sequences": len(seqs), "tokens": total_tokens, "bytes": total_bytes,
-                       "bytes_per_token": total_bytes / max(total_tokens, 1)},
-            "residual": {"mean": resid_sum / max(resid_n, 1), "median": float(np.median(rs)),
-                         "p90": float(np.quantile(rs, 0.9)), "p99": float(np.quantile(rs, 0.99)),
-                         "max_sampled": float(rs.max()), "positions": resid_n},
-            "shards": shard_meta,
-            "run": {"device": str(device), "dtype": str(next(model.parameters()).dtype),
-                    "host": platform.node(), "torch": torch.__version__,
-                    "teacher_tokens_per_s": fwd_tokens / t_fwd if t_fwd else None,
-                    "forward_tokens": fwd_tokens, "seconds": None},
-        }
-        # fidelity reads the shards; the manifest is written only after it, so "manifest exists" == complete
-        if cfg.teacher.fidelity_sequences:
-            view = C.TeacherCache.__new__(C.TeacherCache)
-            view.path, view.manifest = cache_dir, manifest
-            manifest["fidelity"] = measure_fidelity(model, view, cfg.teacher.fidelity_sequences,
-                                                    cfg.teacher.chunk_positions, device)
-        manifest["run"]["seconds"] = time.time() - t0
-        C.write_manifest(cache_dir, manifest)
-    log.info("cache %s %s: %d sequences, %d tokens, %.1f bytes/token", cache_dir, status,
-             len(seqs), total_tokens, manifest["totals"]["bytes_per_token"])
+        stats = {"worker": me, "workers": n_workers, "forward_tokens": fwd_tokens, "forward_seconds": t_fwd,
+                 "seconds": time.time() - t0, "device": str(device), "host": platform.node()}
+        if n_workers > 1:
+            C.write_atomic(_worker_stats_path(cache_dir, me), (json.dumps(stats) + "\n").encode())
+            log.info("worker %d of %d done; when every worker is, run the finalize step "
+                     "(python -m stages.teacher_cache CONFIG --finalize)", me, n_workers)
+            return cache_dir, "worker-done"
+        _finalize(cfg, rk, tokenizer, seqs, reports, shards, model, device, vocab, [stats], t0)
     return cache_dir, status
+
+
+def finalize_cache(cfg: MolConfig) -> tuple[Path, str]:
+    """After sharded workers: check every shard exists, then checksum, measure fidelity and write
+    the manifest (last). Returns (cache_dir, "finalized" | "up-to-date"); a CacheError names each
+    missing shard and the worker that owns it."""
+    t0 = time.time()
+    device = pick_device(cfg.model.device)
+    rk, tokenizer, vocab = _prepare(cfg)
+    cache_dir = rk.cache_dir
+    if (cache_dir / C.MANIFEST).is_file():
+        return cache_dir, "up-to-date"
+    with cache_lock(cache_dir):
+        with _input_errors():
+            seqs, reports = pack_corpora(cfg.data, tokenizer, cfg.model.chat_template_kwargs)
+        shards = list(_shard_rows(seqs, cfg.teacher.rows_per_shard))
+        n_workers = cfg.teacher.num_workers
+        missing = [i for i, _, _ in shards if not (cache_dir / C.SHARD_PATTERN.format(i)).is_file()]
+        if missing:
+            names = ", ".join(f"{C.SHARD_PATTERN.format(i)} (worker {i % n_workers})" for i in missing[:20])
+            raise C.CacheError(f"{cache_dir}: {len(missing)} of {len(shards)} shards missing, with "
+                               f"teacher.num_workers = {n_workers}: {names}"
+                               + (" ..." if len(missing) > 20 else "") + "; run those workers (they resume)")
+        stats = [json.loads(p.read_text()) for p in sorted(cache_dir.glob("worker-*.json"))]
+        model = None
+        if cfg.teacher.fidelity_sequences:
+            model = load_model(rk.model_path, cfg.model, device=device).eval()
+            vocab = max(vocab, model.get_output_embeddings().weight.shape[0])
+        _finalize(cfg, rk, tokenizer, seqs, reports, shards, model, device, vocab, stats, t0)
+    return cache_dir, "finalized"
+
+
+def _finalize(cfg, rk, tokenizer, seqs, reports, shards, model, device, vocab, stats: list[dict], t0: float) -> None:
+    """Every shard exists: checksum, gather statistics, measure fidelity, then write the manifest last."""
+    cache_dir = rk.cache_dir
+    shard_meta, resid_sample, resid_sum, resid_n = [], [], 0.0, 0
+    counts: dict = {}
+    for idx, start, rows in shards:
+        path = cache_dir / C.SHARD_PATTERN.format(idx)
+        t = pq.read_table(path, columns=[C.RESIDUAL])
+        r = t.column(C.RESIDUAL).combine_chunks().flatten().to_numpy()
+        resid_sum += float(r.astype(np.float64).sum())
+        resid_n += len(r)
+        resid_sample.append(_residual_sample(r, 512))
+        shard_meta.append({"file": path.name, "rows": len(rows), "tokens": sum(len(s.input_ids) for s in rows),
+                           "bytes": path.stat().st_size, "sha256": C.sha256_path(path),
+                           "seq_id_range": [start, start + len(rows) - 1]})
+        for s in rows:
+            c = counts.setdefault(f"{s.corpus}/{s.subset}/{s.split}", {"sequences": 0, "tokens": 0})
+            c["sequences"] += 1
+            c["tokens"] += len(s.input_ids)
+    rs = np.concatenate(resid_sample) if resid_sample else np.zeros(1)
+    total_tokens = sum(len(s.input_ids) for s in seqs)
+    total_bytes = sum(s["bytes"] for s in shard_meta)
+    fwd_tokens = sum(s.get("forward_tokens", 0) for s in stats)
+    fwd_seconds = sum(s.get("forward_seconds", 0.0) for s in stats)
+    manifest = {
+        "schema_version": C.SCHEMA_VERSION,
+        "fingerprint": rk.fingerprint,
+        "key": rk.key,
+        "model": {"name": cfg.model.name, "path": str(rk.model_path), "vocab_size": vocab},
+        "tokenizer": {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
+        "sources": [r.__dict__ for r in reports],
+        "counts": counts,
+        "totals": {"sequences": len(seqs), "tokens": total_tokens, "bytes": total_bytes,
+                   "bytes_per_token": total_bytes / max(total_tokens, 1)},
+        "residual": {"mean": resid_sum / max(resid_n, 1), "median": float(np.median(rs)),
+                     "p90": float(np.quantile(rs, 0.9)), "p99": float(np.quantile(rs, 0.99)),
+                     "max_sampled": float(rs.max()), "positions": resid_n},
+        "shards": shard_meta,
+        "run": {"device": str(device), "dtype": str(next(model.parameters()).dtype) if model is not None else None,
+                "host": platform.node(), "torch": torch.__version__, "workers": len(stats) or 1,
+                # per worker process: the figure one process reaches, comparable across worker counts
+                "teacher_tokens_per_s": fwd_tokens / fwd_seconds if fwd_seconds else None,
+                "forward_tokens": fwd_tokens, "seconds": None},
+    }
+    # fidelity reads the shards; the manifest is written only after it, so "manifest exists" == complete
+    if cfg.teacher.fidelity_sequences and model is not None:
+        view = C.TeacherCache.__new__(C.TeacherCache)
+        view.path, view.manifest = cache_dir, manifest
+        manifest["fidelity"] = measure_fidelity(model, view, cfg.teacher.fidelity_sequences,
+                                                cfg.teacher.chunk_positions, device)
+    manifest["run"]["seconds"] = time.time() - t0
+    C.write_manifest(cache_dir, manifest)
+    log.info("cache %s complete: %d sequences, %d tokens, %.1f bytes/token", cache_dir,
+             len(seqs), total_tokens, manifest["totals"]["bytes_per_token"])

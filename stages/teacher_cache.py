@@ -1,6 +1,10 @@
 """Stage 1: run the base model once over the corpora and cache its top-k soft labels.
 
     python -m stages.teacher_cache data/default.yaml [key=value ...]
+
+Sharded over N processes (one per GPU or node; each resumes on its own):
+    python -m stages.teacher_cache CONFIG teacher.num_workers=N teacher.worker_index=I   # I = 0..N-1
+    python -m stages.teacher_cache CONFIG teacher.num_workers=N --finalize               # once, after all
 """
 
 from __future__ import annotations
@@ -10,19 +14,30 @@ import sys
 from mol.config import ConfigError, parse_cli
 from mol.corpora import CorpusError
 from mol.cache import CacheError, TeacherCache
-from mol.teacher import run_teacher_pass
+from mol.teacher import finalize_cache, run_teacher_pass
 from stages._cli import setup_logging, token_bar
 from stages.cache_info import describe
 
 
 def main(argv=None) -> int:
     setup_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    finalize = "--finalize" in argv
+    argv = [a for a in argv if a != "--finalize"]
     try:
-        cfg, _ = parse_cli(sys.argv[1:] if argv is None else argv, __doc__)
-        cache_dir, status = run_teacher_pass(cfg, make_bar=token_bar)
+        cfg, _ = parse_cli(argv, __doc__)
+        if finalize:
+            cache_dir, status = finalize_cache(cfg)
+        else:
+            cache_dir, status = run_teacher_pass(cfg, make_bar=token_bar)
     except (ConfigError, CorpusError, CacheError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if status == "worker-done":
+        print(f"\nworker {cfg.teacher.worker_index} of {cfg.teacher.num_workers} done: {cache_dir}\n"
+              f"when every worker is done: python -m stages.teacher_cache CONFIG "
+              f"teacher.num_workers={cfg.teacher.num_workers} --finalize")
+        return 0
     print(f"\nteacher cache {status}: {cache_dir}")
     print(describe(TeacherCache(cache_dir)))
     return 0

@@ -206,3 +206,39 @@ def test_real_smollm2_cache_matches_forward(real_model_dir, corpora, tmp_path):
         assert same.mean() > 0.95
         _assert_sqrt_grid(r[C.TOPK_PROBS][same], probs[same])
         np.testing.assert_allclose(r[C.RESIDUAL], 1 - top.values.exp().sum(-1).numpy(), rtol=2e-3, atol=1e-5)
+
+
+def test_two_workers_equal_one(tiny_model_dir, corpora, tmp_path):
+    """Sharded Stage 1: two worker processes in parallel, then finalize, give the single-worker cache."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    single_cfg = load_config(data=tiny_config(tiny_model_dir, corpora, tmp_path / "one"))
+    one_dir, _ = run_teacher_pass(single_cfg)
+    data = tiny_config(tiny_model_dir, corpora, tmp_path / "two")
+    config = tmp_path / "two.yaml"
+    config.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd()] + sys.path), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "stages.teacher_cache", str(config), "teacher.num_workers=2"]
+    # finalize before the workers ran: refused, naming the missing shards and their workers
+    r = subprocess.run(cmd + ["--finalize"], env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "shard-00000.parquet (worker 0)" in r.stderr and "(worker 1)" in r.stderr
+    workers = [subprocess.Popen(cmd + [f"teacher.worker_index={i}"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [w.communicate(timeout=300)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), outs
+    assert all("done" in o for o in outs)
+    cache_dir = tmp_path / "two" / one_dir.name  # same fingerprint: the worker count is not part of the key
+    assert not (cache_dir / C.MANIFEST).exists()
+    r = subprocess.run(cmd + ["--finalize"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    one, two = C.TeacherCache(one_dir), C.TeacherCache(cache_dir)
+    assert two.verify() == []
+    assert [s["sha256"] for s in two.manifest["shards"]] == [s["sha256"] for s in one.manifest["shards"]]
+    assert len(two.manifest["shards"]) >= 3  # both workers wrote some
+    assert two.manifest["run"]["workers"] == 2 and two.manifest["fingerprint"] == one.manifest["fingerprint"]
+    for key in ("counts", "totals", "residual", "key"):
+        assert two.manifest[key] == one.manifest[key], key
