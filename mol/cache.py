@@ -120,7 +120,7 @@ def arrow_schema(k: int, vocab_size: int) -> pa.Schema:
 def cache_key(cfg: MolConfig, *, model_fp: str, tokenizer_fp: str, chat_template: str | None,
               source_fps: list[str]) -> dict:
     """Everything the cache's content depends on; its hash names the cache folder."""
-    return {
+    key = {
         "schema_version": SCHEMA_VERSION,
         "model_fingerprint": model_fp,
         "tokenizer_fingerprint": tokenizer_fp,
@@ -143,6 +143,9 @@ def cache_key(cfg: MolConfig, *, model_fp: str, tokenizer_fp: str, chat_template
             for s, fp in zip(cfg.data.sources, source_fps)
         ],
     }
+    if cfg.teacher.backend != "transformers":  # only then: keeps every transformers cache's fingerprint
+        key["backend"] = cfg.teacher.backend
+    return key
 
 
 def fingerprint(key: dict) -> str:

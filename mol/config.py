@@ -127,8 +127,11 @@ class TeacherConfig:
     """Teacher token ids stored per position; the (k+1)-th bucket is the residual mass."""
     label_domain: bool = True
     """Also label domain sequences (needed for the α·KL term on domain text)."""
-    backend: Literal["transformers"] = "transformers"
-    """Inference engine for the teacher pass; transformers is the reference."""
+    backend: Literal["transformers", "vllm"] = "transformers"
+    """Inference engine for the teacher pass: transformers (the reference, CPU or GPU) or vllm
+    (extra `[vllm]`, CUDA only; its log-probs differ slightly, see the README)."""
+    vllm_kwargs: dict = field(default_factory=dict)
+    """Extra vllm.LLM arguments for backend vllm, e.g. {tensor_parallel_size: 2, gpu_memory_utilization: 0.9}."""
     batch_size: int = 8
     """Sequences per forward pass."""
     chunk_positions: int = 2048

@@ -208,6 +208,18 @@ def _prepare(cfg: MolConfig):
     return rk, tokenizer, vocab
 
 
+def _teacher_backend(cfg: MolConfig, model_path: Path, device, pad_id: int):
+    """(transformers model or None, label(batch of token lists) -> [(ids, probs, residual)])."""
+    k, chunk = cfg.teacher.top_k, cfg.teacher.chunk_positions
+    if cfg.teacher.backend == "vllm":
+        from .vllm_teacher import VllmTeacher
+
+        engine = VllmTeacher(model_path, k, cfg.model.dtype, cfg.teacher.vllm_kwargs)
+        return None, engine.labels
+    model = load_model(model_path, cfg.model, device=device).eval()
+    return model, lambda batch: teacher_labels(model, batch, k, chunk, pad_id, device)
+
+
 def _worker_stats_path(cache_dir: Path, index: int) -> Path:
     return cache_dir / f"worker-{index:04d}.json"
 
@@ -240,8 +252,9 @@ def run_teacher_pass(cfg: MolConfig, make_bar: Optional[MakeBar] = None) -> tupl
         for idx, _, _ in mine:  # a killed writer's leftovers (never visible under a final name)
             for stale in cache_dir.glob(C.SHARD_PATTERN.format(idx) + ".tmp*"):
                 stale.unlink()
-        model = load_model(rk.model_path, cfg.model, device=device).eval()
-        vocab = max(vocab, model.get_output_embeddings().weight.shape[0])
+        model, label = _teacher_backend(cfg, rk.model_path, device, tokenizer.pad_token_id)
+        if model is not None:
+            vocab = max(vocab, model.get_output_embeddings().weight.shape[0])
         if k >= vocab:
             raise ConfigError([f"teacher.top_k = {k} must be < the model's vocabulary size {vocab}"])
         schema = C.arrow_schema(k, vocab)
@@ -267,8 +280,7 @@ def run_teacher_pass(cfg: MolConfig, make_bar: Optional[MakeBar] = None) -> tupl
                 batch = rows[b:b + cfg.teacher.batch_size]
                 need = [s for s in batch if s.corpus == "general" or cfg.teacher.label_domain]
                 tb = time.time()
-                labels = iter(teacher_labels(model, [s.input_ids for s in need], k, cfg.teacher.chunk_positions,
-                                             tokenizer.pad_token_id, device)) if need else iter(())
+                labels = iter(label([s.input_ids for s in need])) if need else iter(())
                 t_fwd += time.time() - tb
                 fwd_tokens += sum(len(s.input_ids) for s in need)
                 for j, s in enumerate(batch):
@@ -366,6 +378,9 @@ def _finalize(cfg, rk, tokenizer, seqs, reports, shards, model, device, vocab, s
                 "forward_tokens": fwd_tokens, "seconds": None},
     }
     # fidelity reads the shards; the manifest is written only after it, so "manifest exists" == complete
+    if cfg.teacher.fidelity_sequences and model is None:
+        log.info("fidelity not measured: the %s backend holds no transformers model (the finalize step of a "
+                 "sharded pass measures it with one)", cfg.teacher.backend)
     if cfg.teacher.fidelity_sequences and model is not None:
         view = C.TeacherCache.__new__(C.TeacherCache)
         view.path, view.manifest = cache_dir, manifest
