@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -173,6 +174,52 @@ def load_checkpoint(run_dir: Path, model, opt) -> int:
 # --------------------------------------------------------------------------- the loop
 
 
+class _Processes:
+    """This process's place in a multi-process run (`accelerate launch` / torchrun: WORLD_SIZE > 1).
+
+    One process: no accelerate object, nothing changes. Several: each process takes its own slice of
+    every optimizer step's global batch (split, not multiplied), the final hidden states are computed
+    through accelerate's DDP wrapper so gradients are all-reduced once per optimizer step (no_sync on
+    the micro-batches before the last), and rank 0 alone validates, checkpoints and writes files.
+    """
+
+    def __init__(self, device: torch.device):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.acc = None
+        self.rank = 0
+        self.device = device
+        if self.world > 1:
+            from accelerate import Accelerator
+
+            self.acc = Accelerator(cpu=device.type == "cpu")
+            self.rank, self.world, self.device = self.acc.process_index, self.acc.num_processes, self.acc.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.acc is not None:
+            self.acc.wait_for_everyone()
+
+    def sum(self, values: list[float]) -> list[float]:
+        if self.acc is None:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        return self.acc.reduce(t, reduction="sum").tolist()
+
+
+class _HiddenStates(torch.nn.Module):
+    """The student's final hidden states as a module's forward, so DDP sees the forward it syncs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return model_hidden(self.model, {C.INPUT_IDS: input_ids, "attention_mask": attention_mask})
+
+
 def grad_probe(model, params: list, rows: list[dict], k: int, chunk: int, device: torch.device) -> dict:
     """Global gradient norms of the mean-per-sequence CE and truncated KL, each alone and unweighted,
     on the same sequences (dropout off). Leaves every .grad as None: call it between optimizer steps."""
@@ -260,7 +307,8 @@ def train(cfg: MolConfig, make_bar: Optional[MakeBar] = None, stop_after: Option
 
     make_bar = make_bar or (lambda total, desc: (lambda n: None))
     t = cfg.train
-    device = pick_device(cfg.model.device)
+    procs = _Processes(pick_device(cfg.model.device))
+    device = procs.device
     model_path = resolve_model_path(cfg.model.name)
     tokenizer = load_tokenizer(model_path)
     cache = open_cache(cfg, model_path, tokenizer)
@@ -277,14 +325,21 @@ def train(cfg: MolConfig, make_bar: Optional[MakeBar] = None, stop_after: Option
     rows = {"domain": dom, "general": gen}
     plan = DataPlan(np.arange(len(dom)), np.arange(len(gen)), t.general_ratio, t.seed)
     steps = total_steps(cfg, plan)
-    accum = t.global_batch // t.micro_batch
+    if t.global_batch % (t.micro_batch * procs.world):
+        raise TrainingError(f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch x "
+                            f"processes ({t.micro_batch} x {procs.world}): the global batch is split across "
+                            f"processes, not multiplied")
+    per_process = t.global_batch // procs.world
+    accum = per_process // t.micro_batch
 
     run_dir = resolve_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
     if not t.resume and (metrics_path.exists() or _ckpt_root(run_dir).exists()):
         raise TrainingError(f"{run_dir} already holds a run; set train.resume=true or another train.run_name")
-    dump_config(cfg, run_dir / "config.yaml")
+    procs.barrier()  # every process has checked before rank 0 writes anything
+    if procs.main:
+        dump_config(cfg, run_dir / "config.yaml")
 
     torch.manual_seed(t.seed)
     model = build_student(cfg, model_path, device)
@@ -295,20 +350,30 @@ def train(cfg: MolConfig, make_bar: Optional[MakeBar] = None, stop_after: Option
         if (_ckpt_root(run_dir) / "latest").is_file():
             start = load_checkpoint(run_dir, model, opt)
             log.info("resumed %s at step %d of %d", run_dir, start, steps)
-        _truncate_metrics(metrics_path, start, steps)
+        if procs.main:
+            _truncate_metrics(metrics_path, start, steps)
     n_trainable = sum(p.numel() for p in params)
-    log.info("run %s: %d steps x %d sequences (%d domain + %d general per epoch), %s, %.2fM trainable params",
-             run_dir, steps, t.global_batch, len(dom), plan.general_per_epoch, t.finetune, n_trainable / 1e6)
+    log.info("run %s: %d steps x %d sequences (%d domain + %d general per epoch), %s, %.2fM trainable params%s",
+             run_dir, steps, t.global_batch, len(dom), plan.general_per_epoch, t.finetune, n_trainable / 1e6,
+             f", {procs.world} processes x {per_process} sequences" if procs.world > 1 else "")
+    # DDP wraps the hidden-state forward only: the chunked loss reads the output weight directly
+    hidden_fn = procs.acc.prepare_model(_HiddenStates(model)) if procs.acc is not None else None
 
     tb = None
     try:
         from torch.utils.tensorboard import SummaryWriter
 
-        tb = SummaryWriter(str(run_dir / "tb"), purge_step=start or None)
+        tb = SummaryWriter(str(run_dir / "tb"), purge_step=start or None) if procs.main else None
     except ImportError:  # tensorboard is optional at run time
         pass
 
     def validate(step: int) -> dict:
+        """Rank 0 validates on the unwrapped model (no collectives); the others wait."""
+        rec = _validate(step) if procs.main else {}
+        procs.barrier()
+        return rec
+
+    def _validate(step: int) -> dict:
         res = subset_losses(model, val, k, device, batch_size=cfg.eval.batch_size, chunk=t.loss_chunk,
                             max_per_subset=cfg.eval.max_val_sequences)
         rec = {"type": "val", "step": step, **res}
@@ -326,7 +391,7 @@ def train(cfg: MolConfig, make_bar: Optional[MakeBar] = None, stop_after: Option
     if start == 0:
         validate(0)
     weight = output_weight(model)
-    bar = make_bar(steps, "train")
+    bar = make_bar(steps, "train") if procs.main else (lambda n: None)
     bar(start)
     t0 = time.time()
     last = {}
@@ -336,6 +401,7 @@ def train(cfg: MolConfig, make_bar: Optional[MakeBar] = None, stop_after: Option
         for g in opt.param_groups:
             g["lr"] = lr
         items = plan.step_items(step, t.global_batch)
+        items = items[procs.rank * per_process:(procs.rank + 1) * per_process]
         agg = {f"{q}/{c}": 0.0 for q in ("ce", "kl") for c in ("domain", "general")}
         cnt = {"domain": 0, "general": 0}
         loss_total, tokens = 0.0, 0
@@ -345,17 +411,27 @@ def train(cfg: MolConfig, make_bar: Optional[MakeBar] = None, stop_after: Option
             b = collate(batch_rows, k, device, with_teacher=t.mode == "mol")
             w_ce, w_kl = mol_weights(b["is_domain"], t.alpha, t.mode)
             w_ce, w_kl = w_ce.to(device), (w_kl.to(device) * b["has_teacher"])
-            h = model_hidden(model, b)[:, :-1]
-            out = chunked_mol_loss(h, weight, b["target_ids"], b["mask"], b.get(C.TOPK_IDS), b.get(C.TOPK_PROBS),
-                                   b.get(C.RESIDUAL), w_ce, w_kl, chunk_size=t.loss_chunk)
-            # normalised once per optimizer step: every micro-batch divides by the global batch
-            (out.loss_sum / t.global_batch).backward()
+            # gradients are all-reduced once, on the last micro-batch of the step
+            sync = procs.acc.no_sync(hidden_fn) if hidden_fn is not None and m < accum - 1 else nullcontext()
+            with sync:
+                h = (hidden_fn(b[C.INPUT_IDS], b["attention_mask"]) if hidden_fn is not None
+                     else model_hidden(model, b))[:, :-1]
+                out = chunked_mol_loss(h, weight, b["target_ids"], b["mask"], b.get(C.TOPK_IDS),
+                                       b.get(C.TOPK_PROBS), b.get(C.RESIDUAL), w_ce, w_kl, chunk_size=t.loss_chunk)
+                # normalised once per optimizer step: every micro-batch divides by the global batch;
+                # DDP averages over processes, so each process's share is scaled back up by their number
+                (out.loss_sum * (procs.world / t.global_batch)).backward()
             loss_total += float(out.loss_sum.detach())
             tokens += int(out.n_tokens.sum())
             for j, (c, _) in enumerate(mb):
                 agg[f"ce/{c}"] += float(out.ce[j])
                 agg[f"kl/{c}"] += float(out.kl[j])
                 cnt[c] += 1
+        if procs.world > 1:
+            keys = list(agg)
+            summed = procs.sum([loss_total, tokens, cnt["domain"], cnt["general"]] + [agg[q] for q in keys])
+            loss_total, tokens, cnt["domain"], cnt["general"] = summed[0], int(summed[1]), summed[2], summed[3]
+            agg = dict(zip(keys, summed[4:]))
         loss = loss_total / t.global_batch
         if not math.isfinite(loss):
             raise TrainingError(f"non-finite loss {loss} at step {step + 1}; stopped before the update. The last "
@@ -377,12 +453,14 @@ def train(cfg: MolConfig, make_bar: Optional[MakeBar] = None, stop_after: Option
                 rec[f"ce/{c}"] = agg[f"ce/{c}"] / cnt[c]
                 if t.mode == "mol":
                     rec[f"kl/{c}"] = agg[f"kl/{c}"] / cnt[c]
-        _jsonl_append(metrics_path, rec)
+        if procs.main:
+            _jsonl_append(metrics_path, rec)
         if tb:
             for key in ("loss", "grad_norm", "lr", "tokens_per_s", "ce/domain", "ce/general", "kl/domain", "kl/general"):
                 if key in rec:
                     tb.add_scalar(f"train/{key}", rec[key], step + 1)
-        log.info("step %d/%d loss %.4f ce(d/g) %.3f/%.3f kl(d/g) %.4f/%.4f gnorm %.3f lr %.2e %.0f tok/s",
+        if procs.main:
+            log.info("step %d/%d loss %.4f ce(d/g) %.3f/%.3f kl(d/g) %.4f/%.4f gnorm %.3f lr %.2e %.0f tok/s",
                  step + 1, steps, loss, rec.get("ce/domain", float("nan")), rec.get("ce/general", float("nan")),
                  rec.get("kl/domain", float("nan")), rec.get("kl/general", float("nan")), rec["grad_norm"], lr,
                  rec["tokens_per_s"])
@@ -392,14 +470,18 @@ def train(cfg: MolConfig, make_bar: Optional[MakeBar] = None, stop_after: Option
         if (t.eval_every and done % t.eval_every == 0) and done != steps:
             validate(done)
         if (t.save_every and done % t.save_every == 0) or done == steps or done == stop_after:
-            save_checkpoint(run_dir, done, model, opt)
+            if procs.main:
+                save_checkpoint(run_dir, done, model, opt)
+            procs.barrier()
         if stop_after is not None and done >= stop_after and done != steps:
             return run_dir
 
     final_val = validate(steps)
     if tb:
         tb.close()
-    _save_outputs(cfg, run_dir, model, tokenizer, model_path, cache, steps, last, final_val, time.time() - t0)
+    if procs.main:
+        _save_outputs(cfg, run_dir, model, tokenizer, model_path, cache, steps, last, final_val, time.time() - t0)
+    procs.barrier()
     return run_dir
 
 
