@@ -39,8 +39,14 @@ teacher-cache: data model
 cache-info: setup
 	$(PY) -m stages.cache_info $(CONFIG) $(ARGS)
 
+# NPROC > 1: one process per GPU through accelerate (DDP); the global batch is split across them
+NPROC ?= 1
 train: teacher-cache
+ifeq ($(NPROC),1)
 	$(PY) -m stages.train $(CONFIG) $(ARGS)
+else
+	$(BIN)/accelerate launch --multi_gpu --num_processes $(NPROC) -m stages.train $(CONFIG) $(ARGS)
+endif
 
 eval: setup
 	$(PY) -m stages.eval $(RUN) $(ARGS)

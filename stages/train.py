@@ -2,6 +2,9 @@
 
     python -m stages.train data/default.yaml [key=value ...]
 e.g. train.alpha=0.5, train.general_ratio=2, train.mode=ce, train.resume=true train.run_name=NAME
+
+Several processes (one per GPU; DDP, the global batch split across them):
+    accelerate launch --multi_gpu --num_processes 8 -m stages.train CONFIG [key=value ...]
 """
 
 from __future__ import annotations
