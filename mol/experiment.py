@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -408,20 +407,12 @@ def _train_records(run_dir: Path) -> list[dict]:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        import torch
+    from .bench import machine_info
 
-        if torch.cuda.is_available():
-            cpu += f", GPU {torch.cuda.get_device_name(0)}"
-    except ImportError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
+    m = machine_info()
+    gpu = ""
+    import torch
 
+    if torch.cuda.is_available():
+        gpu = f", GPU {torch.cuda.get_device_name(0)}"
+    return f"{m['cpu']}, {m['cores']} cores, {m['mem_total_gb']} GiB, torch {m['torch']}{gpu}"
