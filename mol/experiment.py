@@ -336,6 +336,11 @@ def write_page(res: dict, claims: list[dict], plots: list[Path], dest: Path, met
     lines += ["", "## Results", "", results_table(res), "",
               "ppl = exp(mean next-token CE) on held-out text; KL-to-base = truncated reverse KL to the cached "
               "base-model labels on held-out general text; acc in % (change vs base ± paired SE, in points).", "",
+              "How to read the general columns: the general held-out text comes from the same corpus as the "
+              "general training text, so CE-only, which trains on it with full weight, lowers its perplexity; "
+              "that is fit to the corpus, not retained ability. Retention shows in KL-to-base (how far the "
+              "next-token distribution moved from the base model's on general text) and in the general MCQ sets "
+              "(PIQA, OpenBookQA), which no run trains on.", "",
               "## Curves", ""]
     for p in plots:
         lines.append(f"![{p.stem}]({p.name})")
