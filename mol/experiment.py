@@ -254,7 +254,7 @@ def judge_claims(res: dict, out: Path) -> list[dict]:
     out_claims.append({
         "claim": "5. Domain:general 1:1 beats 1:0.5 and 1:2",
         "criterion": "1:1 has the lowest geometric-mean perplexity over domain and general held-out text "
-                     "(the paper ranks by the average of domain and general benchmark scores; at n = 200 "
+                     "(the paper ranks by the average of domain and general benchmark scores; with a few hundred "
                      "items the MCQ differences here are within noise, so perplexity decides)",
         "verdict": "reproduced" if best == "mol-1to1" else "not reproduced",
         "evidence": "; ".join(f"{n}: domain {dom(runs[n]):.2f}, general {gen(runs[n]):.2f}, geo-mean "
@@ -331,8 +331,9 @@ def write_page(res: dict, claims: list[dict], plots: list[Path], dest: Path, met
         "| claim | verdict | criterion | what we measured |",
         "|---|---|---|---|",
     ]
+    cell = lambda x: x.replace("|", "\\|")  # noqa: E731  (|∇KL| inside a Markdown table cell)
     for c in claims:
-        lines.append(f"| {c['claim']} | **{c['verdict']}** | {c['criterion']} | {c['evidence']} |")
+        lines.append(f"| {cell(c['claim'])} | **{c['verdict']}** | {cell(c['criterion'])} | {cell(c['evidence'])} |")
     lines += ["", "## Results", "", results_table(res), "",
               "ppl = exp(mean next-token CE) on held-out text; KL-to-base = truncated reverse KL to the cached "
               "base-model labels on held-out general text; acc in % (change vs base ± paired SE, in points).", "",
