@@ -68,7 +68,8 @@ clean-runs:
 bench: data model
 	$(PY) -m stages.bench $(ARGS)
 
-# The paper's claims from one cache: six runs, ~1.5 h on a 2-core CPU (docs/experiment/README.md)
+# The paper's claims from one cache: six runs, ~2 h on a 2-core CPU (docs/experiment/README.md);
+# finished runs are reused, so a second call only regenerates the page (seconds)
 EXPERIMENT_CONFIG ?= data/experiment.yaml
 JOBS ?= 2
 experiment: data model

@@ -367,7 +367,7 @@ def write_page(res: dict, claims: list[dict], plots: list[Path], dest: Path, met
 
 LR_NOTE = ("The paper trains an 8B model for thousands of steps at lr 1e-4. A CPU run here affords "
            "{steps} steps, and at 1e-4 a LoRA barely leaves the base in that time (the default run at 2e-4 for "
-           "9 steps moved the general KL-to-base by only 0.025), so no run could show forgetting. We raised the "
+           "9 steps moved the general KL-to-base by only 0.025), too little for forgetting to show. We raised the "
            "peak lr to {lr:g} so that {steps} steps move the model about as far as a long run at a small lr, "
            "which is what the claims are about; no sweep over lr was affordable, and this is the one setting "
            "reported. Override it with `make experiment ARGS='train.lr=...'`.")
