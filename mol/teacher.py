@@ -249,9 +249,15 @@ def run_teacher_pass(cfg: MolConfig, make_bar: Optional[MakeBar] = None) -> tupl
             seqs, reports = pack_corpora(cfg.data, tokenizer, cfg.model.chat_template_kwargs)
         shards = list(_shard_rows(seqs, cfg.teacher.rows_per_shard))
         mine = [sh for sh in shards if sh[0] % n_workers == me]
-        for idx, _, _ in mine:  # a killed writer's leftovers (never visible under a final name)
-            for stale in cache_dir.glob(C.SHARD_PATTERN.format(idx) + ".tmp*"):
-                stale.unlink()
+        # a killed writer's leftovers (never visible under a final name); a worker of a sharded pass
+        # removes only its own, since the others may be writing theirs right now
+        if n_workers == 1:
+            stale = list(cache_dir.glob("*.tmp*"))
+        else:
+            stale = [p for idx, _, _ in mine for p in cache_dir.glob(C.SHARD_PATTERN.format(idx) + ".tmp*")]
+            stale += list(cache_dir.glob(_worker_stats_path(cache_dir, me).name + ".tmp*"))
+        for p in stale:
+            p.unlink(missing_ok=True)
         model, label = _teacher_backend(cfg, rk.model_path, device, tokenizer.pad_token_id)
         if model is not None:
             vocab = max(vocab, model.get_output_embeddings().weight.shape[0])
@@ -324,6 +330,8 @@ def finalize_cache(cfg: MolConfig) -> tuple[Path, str]:
             raise C.CacheError(f"{cache_dir}: {len(missing)} of {len(shards)} shards missing, with "
                                f"teacher.num_workers = {n_workers}: {names}"
                                + (" ..." if len(missing) > 20 else "") + "; run those workers (they resume)")
+        for p in cache_dir.glob(C.MANIFEST + ".tmp*"):  # a killed finalize's
+            p.unlink(missing_ok=True)
         stats = [json.loads(p.read_text()) for p in sorted(cache_dir.glob("worker-*.json"))]
         model = None
         if cfg.teacher.fidelity_sequences:
