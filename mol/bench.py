@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gc
-import json
 import logging
 import math
 import multiprocessing
@@ -551,6 +550,16 @@ _CHILD_SETUPS: dict[str, Callable[..., Callable[[], Any]]] = {"loss": _loss_chil
 # --------------------------------------------------------------------------- Stage 1 (real model)
 
 
+def cache_table(rows: list[dict], labels: list[tuple], k: int, vocab: int):
+    """Cache rows + exact labels (ids, probs, residual) -> the Arrow table Stage 1 would write for them."""
+    out = []
+    for r, (ids, probs, resid) in zip(rows, labels):
+        sid, codes, sres = C.encode_labels(ids, probs, resid, vocab)
+        out.append({**{c: r[c] for c in (C.SEQ_ID, C.CORPUS, C.SUBSET, C.INPUT_IDS)}, C.SPLIT: "train",
+                    C.TOPK_IDS: sid, C.TOPK_PROBS: codes, C.RESIDUAL: sres})
+    return C.rows_to_table(out, C.arrow_schema(k, vocab))
+
+
 def bench_stage1(model, tokenizer, rows: list[dict], k: int, chunk: int, zstd_level: int, vocab: int,
                  workdir: Path, sz: BenchSizes) -> dict:
     """Stage 1's per-batch work (teacher_labels, then the shard write) against a bare forward pass."""
@@ -559,7 +568,6 @@ def bench_stage1(model, tokenizer, rows: list[dict], k: int, chunk: int, zstd_le
     device = next(model.parameters()).device
     seqs = [r[C.INPUT_IDS].tolist() for r in rows]
     x = torch.tensor(seqs, device=device)
-    schema = C.arrow_schema(k, vocab)
     shard = workdir / "stage1-shard.parquet"
 
     @torch.no_grad()
@@ -570,12 +578,7 @@ def bench_stage1(model, tokenizer, rows: list[dict], k: int, chunk: int, zstd_le
         t0 = time.perf_counter()
         labels = teacher_labels(model, seqs, k, chunk, tokenizer.pad_token_id, device)
         t1 = time.perf_counter()
-        out = []
-        for r, (ids, probs, resid) in zip(rows, labels):
-            sid, codes, sres = C.encode_labels(ids, probs, resid, vocab)
-            out.append({C.SEQ_ID: r[C.SEQ_ID], C.CORPUS: r[C.CORPUS], C.SUBSET: r[C.SUBSET], C.SPLIT: "train",
-                        C.INPUT_IDS: r[C.INPUT_IDS], C.TOPK_IDS: sid, C.TOPK_PROBS: codes, C.RESIDUAL: sres})
-        C.write_shard(shard, C.rows_to_table(out, schema), zstd_level)
+        C.write_shard(shard, cache_table(rows, labels, k, vocab), zstd_level)
         return {"labels": t1 - t0, "write": time.perf_counter() - t1}
 
     t = interleaved({"bare": bare, "stage1": stage1}, sz.reps, sz.warmup)
@@ -698,12 +701,7 @@ def write_variant(v: StorageVariant, path: Path, rows: list[dict], labels: list[
     Returns the seconds spent in the Parquet write itself (encoding + compression + I/O)."""
     level = zstd_level if v.zstd is None else v.zstd
     if v.current:
-        out = []
-        for r, (ids, probs, resid) in zip(rows, labels):
-            sid, codes, sres = C.encode_labels(ids, probs, resid, vocab)
-            out.append({**{c: r[c] for c in (C.SEQ_ID, C.CORPUS, C.SUBSET, C.INPUT_IDS)}, C.SPLIT: "train",
-                        C.TOPK_IDS: sid, C.TOPK_PROBS: codes, C.RESIDUAL: sres})
-        table = C.rows_to_table(out, C.arrow_schema(k, vocab))
+        table = cache_table(rows, labels, k, vocab)
         t0 = time.perf_counter()
         C.write_shard(path, table, level)
         return time.perf_counter() - t0
