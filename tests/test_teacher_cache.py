@@ -2,7 +2,6 @@
 deterministic, resumes, refuses a second writer, and verify catches corruption."""
 
 import json
-import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,8 +11,8 @@ import torch
 from conftest import tiny_config
 from mol import cache as C
 from mol.config import load_config
-from mol.model import load_model, load_tokenizer
-from mol.teacher import cache_lock, final_hidden, run_teacher_pass
+from mol.model import load_model
+from mol.teacher import cache_lock, run_teacher_pass
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from mol.cache import CacheError
 from mol.config import load_config
 from mol.model import load_model, pick_device
 from mol.teacher import run_teacher_pass
-from mol.train import DataPlan, TrainingError, lr_at, total_steps, train
+from mol.train import DataPlan, TrainingError, lr_at, train
 
 
 def _cfg(tiny_model_dir, corpora, tmp_path, **train_over):
