@@ -1,62 +1,85 @@
-"""The Stage 1 <-> Stage 2 contract: the teacher cache's schema, fingerprint, manifest and reader.
+"""The Stage 1 <-> Stage 2 contract: cache units, their schema, fingerprints, manifests and readers.
 
-A cache is a folder `<cache_root>/<model>-<fingerprint[:16]>/` holding
+A teacher cache is made of UNITS, one per source, shared by every config and project under one
+`cache_root`:
 
-    shard-00000.parquet ...   one row per packed sequence (zstd), written to a temp name and renamed
-    manifest.json             written LAST: its presence means the cache is complete
-    config.yaml               the resolved config that built it
+    <cache_root>/units/<corpus>-<subset>-<fp[:16]>/    one source's labels (a Hugging Face dataset)
+        shard-SSSSS-PPPPP.parquet   segment S, part P: rows_per_shard packed sequences (zstd)
+        manifest.json               written LAST: its presence means the unit is complete
+        README.md                   dataset card (YAML header: data files, features, model, k)
+    <cache_root>/sets/<model>-<fp[:16]>/               one config's cache: which units, in order
+        manifest.json               unit list, counts, totals, fidelity (written after every unit)
+        config.yaml                 the resolved config that named it
+
+A unit's fingerprint covers exactly what its rows depend on (`unit_key`): model and tokenizer
+fingerprints, chat template and kwargs, dtype, backend, k, whether it is labelled, the packing
+settings and the source's content hash and caps. So config B that shares a general corpus with
+config A reuses A's unit for it, and a changed domain corpus re-labels only the domain unit.
+
+Segments: a large uncapped source is cut into segments of about `data.segment_bytes` of input
+(byte ranges of a JSONL file, row ranges of Parquet / datasets), each packed on its own, so
+sharded workers split a source without reading what precedes their segments. Each shard's
+Parquet metadata carries where its input ended (`mol.resume`), so a resumed pass continues at
+the first missing shard without re-reading what finished shards cover.
 
 Columns (the same names are the batch keys in Stage 2 and the loss function's arguments):
 
-    seq_id              int64                               global sequence index, 0..N-1
-    corpus              string                              "domain" | "general"
-    subset              string                              e.g. "medqa"
-    split               string                              "train" | "val"
-    input_ids           list<uint16|uint32>  [L]            packed tokens (uint16 when vocab <= 65536)
+    seq_id              int64   segment * 2^32 + row index within the segment (the row index when
+                                the source is one segment)
+    corpus              string  "domain" | "general"
+    subset              string  e.g. "medqa"
+    split               string  "train" | "val"
+    input_ids           list<uint16|uint32>  [L]   packed tokens (uint16 when vocab <= 65536)
     teacher_topk_ids    list<fixed_size_list<uint16|uint32, k>>  [L-1, k]
-                                                            base model's top-k next-token ids at every
-                                                            position t < L-1 (predicting token t+1),
-                                                            in ascending id order (a set, not a ranking)
-    teacher_topk_probs  list<fixed_size_list<uint16, k>>    [L-1, k]  their probabilities as codes
-                                                            q = round(1023 sqrt(p)) in [1, 1023];
-                                                            p = (q / 1023)^2 (decode_probs)
-    teacher_residual    list<float16>        [L-1]          mass of all other tokens (computed exactly,
-                                                            then rounded to fp16)
+                                base model's top-k next-token ids at every position t < L-1
+                                (predicting token t+1), ascending (a set, not a ranking)
+    teacher_topk_probs  list<fixed_size_list<uint16, k>>  [L-1, k]
+                                probabilities as codes q = round(1023 sqrt(p)) in [1, 1023];
+                                p = (q / 1023)^2 (decode_probs)
+    teacher_residual    list<uint16>  [L-1]
+                                mass of every other token as a log code
+                                u = round(-ln(max(r, 1e-30)) / RESIDUAL_STEP), r = exp(-u STEP)
+                                (decode_residual)
 
-Why this encoding (schema 2; `make bench` measures every alternative): a uniform grid on sqrt(p)
-is finest where the KL is sensitive (an absolute error ~ sqrt(p)/1023 in p, so ~1e-4 relative
-near p = 1/100), costs a mean |ΔKL| of ~3e-4 nats/token against the exact labels, and with
-ascending ids, BYTE_STREAM_SPLIT and zstd 19 brings a cache to ~72 bytes/token at k = 31 (fp16
-probs and fp32 residual in schema 1: ~97). Readers get float32 probabilities back from
-`Sequences.row` (or `decode_probs` on the raw column); the loss renormalises the k+1 buckets, so
-the few 1e-4 by which a decoded position misses a sum of 1 never makes a KL negative.
+Schema 3 (this one) differs from schema 2 only in the residual: fp16 underflowed (0.24% of the
+default cache's positions stored exactly 0, 4.8% were subnormals), and the loss then charged
+r_s (log r_s + 69) instead of r_s (log r_s - log r). The log code keeps a relative error
+<= 5.3e-4 for every r in [1e-30, 1] in the same two bytes. Probabilities stay on the sqrt grid
+(finest where the KL is sensitive; mean |ΔKL| ~3e-4 nats/token against exact labels).
 
-The teacher columns are null on rows the teacher did not label (domain rows when
-`teacher.label_domain` is false; the manifest says so in `teacher.label_domain`).
-Every position is a training target; there is no separate loss mask (the last sequence of a
-subset is simply shorter than max_seq_len).
+The teacher columns are null on every row of an unlabelled unit (a domain source when
+`teacher.label_domain` is false). Every position is a training target; there is no loss mask.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
+import math
 import os
-from dataclasses import dataclass
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .config import MolConfig, expand_path
+from .config import MolConfig, SourceConfig, expand_path
+from .files import sha256_path, write_atomic  # noqa: F401  (re-exported: callers use C.sha256_path)
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MANIFEST = "manifest.json"
-SHARD_PATTERN = "shard-{:05d}.parquet"
+CARD = "README.md"
+UNITS_DIR = "units"
+SETS_DIR = "sets"
+SHARD_GLOB = "shard-*.parquet"
+RESUME_KEY = b"mol.resume"
 
 SEQ_ID = "seq_id"
 CORPUS = "corpus"
@@ -67,20 +90,51 @@ TOPK_IDS = "teacher_topk_ids"
 TOPK_PROBS = "teacher_topk_probs"
 RESIDUAL = "teacher_residual"
 TEACHER_COLUMNS = (TOPK_IDS, TOPK_PROBS, RESIDUAL)
+SEGMENT_STRIDE = 1 << 32
 
 
 class CacheError(RuntimeError):
     """A cache that is missing, incomplete, corrupt or does not match the run."""
 
 
+def shard_name(segment: int, part: int) -> str:
+    return f"shard-{segment:05d}-{part:05d}.parquet"
+
+
+def parse_shard_name(name: str) -> tuple[int, int] | None:
+    parts = name.removesuffix(".parquet").split("-")
+    if len(parts) != 3 or parts[0] != "shard" or not name.endswith(".parquet"):
+        return None
+    try:
+        return int(parts[1]), int(parts[2])
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------- encoding
+
 PROB_LEVELS = 1023  # 10-bit codes of sqrt(p), stored as uint16 (BYTE_STREAM_SPLIT keeps the zero bits cheap)
+RESIDUAL_FLOOR = 1e-30
+RESIDUAL_LEVELS = 65535
+RESIDUAL_STEP = -math.log(RESIDUAL_FLOOR) / RESIDUAL_LEVELS  # ~1.05e-3 nats a code
+
+
+def encode_residual(residual: np.ndarray) -> np.ndarray:
+    """Residual mass r [N] float -> log codes [N] uint16; r <= 1e-30 is stored as 1e-30 (never 0)."""
+    r = np.clip(np.asarray(residual, dtype=np.float64), RESIDUAL_FLOOR, 1.0)
+    return np.rint(-np.log(r) / RESIDUAL_STEP).astype(np.uint16)
+
+
+def decode_residual(codes: np.ndarray) -> np.ndarray:
+    """Stored teacher_residual codes (uint16) -> residual mass (float32, same shape), in [1e-30, 1]."""
+    return np.exp(codes.astype(np.float64) * -RESIDUAL_STEP).astype(np.float32)
 
 
 def encode_labels(ids: np.ndarray, probs: np.ndarray, residual: np.ndarray, vocab_size: int):
     """Exact labels -> stored column values.
 
     ids [N, k] int (any order), probs [N, k] float, residual [N] float ->
-    (ids [N, k] uint16|uint32 ascending, codes [N, k] uint16, residual [N] float16).
+    (ids [N, k] uint16|uint32 ascending, prob codes [N, k] uint16, residual codes [N] uint16).
     Codes never round to 0: a zero bucket would be floored at 1e-30 by the loss and charge the
     student its whole mass there.
     """
@@ -88,8 +142,7 @@ def encode_labels(ids: np.ndarray, probs: np.ndarray, residual: np.ndarray, voca
     ids = np.take_along_axis(ids, order, 1)
     p = np.take_along_axis(probs, order, 1).astype(np.float64)
     codes = np.clip(np.rint(np.sqrt(np.clip(p, 0.0, 1.0)) * PROB_LEVELS), 1, PROB_LEVELS).astype(np.uint16)
-    id_dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
-    return ids.astype(id_dtype), codes, residual.astype(np.float16)
+    return ids.astype(id_dtype(vocab_size)), codes, encode_residual(residual)
 
 
 def decode_probs(codes: np.ndarray) -> np.ndarray:
@@ -98,13 +151,13 @@ def decode_probs(codes: np.ndarray) -> np.ndarray:
     return q * q
 
 
-def id_type(vocab_size: int) -> pa.DataType:
+def id_dtype(vocab_size: int):
     """Narrowest unsigned width that holds every token id."""
-    return pa.uint16() if vocab_size <= 1 << 16 else pa.uint32()
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
 def arrow_schema(k: int, vocab_size: int) -> pa.Schema:
-    ids = id_type(vocab_size)
+    ids = pa.from_numpy_dtype(id_dtype(vocab_size))
     return pa.schema([
         pa.field(SEQ_ID, pa.int64(), nullable=False),
         pa.field(CORPUS, pa.string(), nullable=False),
@@ -113,77 +166,70 @@ def arrow_schema(k: int, vocab_size: int) -> pa.Schema:
         pa.field(INPUT_IDS, pa.list_(ids), nullable=False),
         pa.field(TOPK_IDS, pa.list_(pa.list_(ids, k))),
         pa.field(TOPK_PROBS, pa.list_(pa.list_(pa.uint16(), k))),
-        pa.field(RESIDUAL, pa.list_(pa.float16())),
+        pa.field(RESIDUAL, pa.list_(pa.uint16())),
     ])
 
 
-def cache_key(cfg: MolConfig, *, model_fp: str, tokenizer_fp: str, chat_template: str | None,
-              source_fps: list[str]) -> dict:
-    """Everything the cache's content depends on; its hash names the cache folder."""
-    key = {
-        "schema_version": SCHEMA_VERSION,
-        "model_fingerprint": model_fp,
-        "tokenizer_fingerprint": tokenizer_fp,
-        "chat_template": chat_template,
-        "chat_template_kwargs": cfg.model.chat_template_kwargs,
-        "dtype": cfg.model.dtype,
-        "top_k": cfg.teacher.top_k,
-        "label_domain": cfg.teacher.label_domain,
-        "rows_per_shard": cfg.teacher.rows_per_shard,
-        "packing": {
-            "max_seq_len": cfg.data.max_seq_len,
-            "val_fraction": cfg.data.val_fraction,
-            "max_train_sequences": cfg.data.max_train_sequences,
-            "max_val_sequences": cfg.data.max_val_sequences,
-            "on_bad_record": cfg.data.on_bad_record,
-        },
-        "sources": [
-            {"corpus": s.corpus, "subset": s.subset, "format": s.format, "max_records": s.max_records,
-             "max_train_sequences": s.max_train_sequences, "max_val_sequences": s.max_val_sequences, "sha256": fp}
-            for s, fp in zip(cfg.data.sources, source_fps)
-        ],
-    }
-    if cfg.teacher.backend != "transformers":  # only then: keeps every transformers cache's fingerprint
-        key["backend"] = cfg.teacher.backend
-    return key
+@dataclass
+class ShardData:
+    """One shard's rows as flat numpy buffers (no per-value Python objects).
+
+    Row i's tokens are input_ids[tok_off[i]:tok_off[i+1]]; its labels (when labelled) are the
+    positions pos_off[i]:pos_off[i+1] of the [P, k] / [P] label arrays, pos = tokens - 1 per row.
+    """
+
+    seq_id: np.ndarray          # [N] int64
+    corpus: str
+    subset: str
+    split: list[str]            # [N]
+    input_ids: np.ndarray       # [T] ids dtype
+    tok_off: np.ndarray         # [N+1] int64
+    topk_ids: np.ndarray | None = None     # [P, k] ids dtype, ascending per row
+    topk_probs: np.ndarray | None = None   # [P, k] uint16 codes
+    residual: np.ndarray | None = None     # [P] uint16 codes
+    metadata: dict = field(default_factory=dict)  # bytes -> bytes, e.g. RESUME_KEY
+
+    @property
+    def tokens(self) -> int:
+        return int(self.tok_off[-1])
 
 
-def fingerprint(key: dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+def _list_array(offsets: np.ndarray, values: pa.Array) -> pa.Array:
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
 
 
-def cache_dir_for(cfg: MolConfig, model_name: str, fp: str) -> Path:
-    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(model_name).name)[:48]
-    return expand_path(cfg.teacher.cache_root) / f"{slug}-{fp[:16]}"
+def shard_table(d: ShardData, k: int, vocab_size: int) -> pa.Table:
+    """ShardData -> an Arrow table of `arrow_schema`, built straight from the numpy buffers."""
+    schema = arrow_schema(k, vocab_size)
+    n = len(d.seq_id)
+    ids_t = id_dtype(vocab_size)
+    cols = [
+        pa.array(d.seq_id, pa.int64()),
+        pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([d.corpus])).cast(pa.string()),
+        pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([d.subset])).cast(pa.string()),
+        pa.array(d.split, pa.string()),
+        _list_array(d.tok_off, pa.array(d.input_ids.astype(ids_t, copy=False))),
+    ]
+    if d.topk_ids is None:
+        cols += [pa.nulls(n, schema.field(c).type) for c in TEACHER_COLUMNS]
+    else:
+        pos_off = d.tok_off - np.arange(n + 1)
+        cols += [
+            _list_array(pos_off, pa.FixedSizeListArray.from_arrays(
+                pa.array(d.topk_ids.astype(ids_t, copy=False).reshape(-1)), k)),
+            _list_array(pos_off, pa.FixedSizeListArray.from_arrays(pa.array(d.topk_probs.reshape(-1)), k)),
+            _list_array(pos_off, pa.array(d.residual)),
+        ]
+    return pa.Table.from_arrays(cols, schema=schema.with_metadata(d.metadata or None))
 
 
-def sha256_path(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # a full disk must not also keep the partial copy
-        raise
-
-
-# Splitting the bytes of each id and probability code into separate streams lets zstd see the
-# runs in their high bytes (ascending ids share them; codes < 1024 have six zero bits): ~20%
-# smaller shards than plain encoding, same values (make bench).
+# Splitting the bytes of each id and code into separate streams lets zstd see the runs in their
+# high bytes (ascending ids share them; codes < 1024 have six zero bits): ~20% smaller shards than
+# plain encoding, same values (make bench).
 _BYTE_STREAM_SPLIT = {
     TOPK_IDS + ".list.element.list.element": "BYTE_STREAM_SPLIT",
     TOPK_PROBS + ".list.element.list.element": "BYTE_STREAM_SPLIT",
+    RESIDUAL + ".list.element": "BYTE_STREAM_SPLIT",
 }
 
 
@@ -203,45 +249,244 @@ def write_shard(path: Path, table: pa.Table, zstd_level: int) -> None:
                          f"and the next run resumes here") from e
 
 
-def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
-    """rows: dicts with the column names; teacher arrays as numpy [L-1, k] / [L-1] or None."""
-    cols = {name: [] for name in schema.names}
-    for r in rows:
-        for name in schema.names:
-            v = r.get(name)
-            cols[name].append(v.tolist() if isinstance(v, np.ndarray) else v)
-    return pa.table(cols, schema=schema)
+class ShardWriter:
+    """Builds, compresses, fsyncs and renames shards on background threads, so the teacher never
+    waits on the disk (zstd and Parquet encoding release the GIL).
+
+    At most `threads + 1` shards are in flight (bounded memory); `submit` blocks beyond that. The
+    first error is re-raised by the next `submit` or by `close`, and shards queued after it are not
+    written, so a failure leaves the shards before it and nothing after.
+    """
+
+    def __init__(self, k: int, vocab_size: int, zstd_level: int, threads: int):
+        self.k, self.vocab_size, self.zstd_level = k, vocab_size, zstd_level
+        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="mol-shard-writer")
+        self._slots = threading.BoundedSemaphore(max(1, threads) + 1)
+        self._futures: list[Future] = []
+        self._error: BaseException | None = None
+
+    def _write(self, path: Path, data: ShardData) -> None:
+        try:
+            if self._error is None:
+                write_shard(path, shard_table(data, self.k, self.vocab_size), self.zstd_level)
+        except BaseException as e:
+            if self._error is None:
+                self._error = e
+        finally:
+            self._slots.release()
+
+    def _raise(self) -> None:
+        if self._error is not None:  # it stays set: no later shard is written
+            raise self._error
+
+    def submit(self, path: Path, data: ShardData) -> None:
+        self._raise()
+        self._slots.acquire()
+        self._futures.append(self._pool.submit(self._write, path, data))
+        self._futures = [f for f in self._futures if not f.done()]
+
+    def close(self) -> None:
+        """Wait for every queued shard; re-raise the first error."""
+        self._pool.shutdown(wait=True)
+        self._raise()
+
+    def close_quietly(self) -> None:
+        """On the way out of an error: let the shards already handed over finish, raise nothing."""
+        self._pool.shutdown(wait=True)
 
 
-def write_manifest(cache_dir: Path, manifest: dict) -> None:
+def shard_resume(path: Path) -> dict | None:
+    """The `mol.resume` record of a shard's Parquet metadata (None when absent or unreadable)."""
     try:
-        write_atomic(cache_dir / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
+        md = pq.read_schema(path).metadata or {}
+        return json.loads(md[RESUME_KEY])
+    except Exception:  # a torn or foreign file: the caller treats it as not written
+        return None
+
+
+def pack_array(a: np.ndarray) -> str:
+    """A 1-D int array as compact text (for the resume record)."""
+    return base64.b64encode(np.ascontiguousarray(a, dtype="<i4").tobytes()).decode()
+
+
+def unpack_array(s: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(s), dtype="<i4").astype(np.int64)
+
+
+# --------------------------------------------------------------------------- keys and layout
+
+
+def effective_caps(src: SourceConfig, cfg: MolConfig) -> dict:
+    d = cfg.data
+    return {"max_records": src.max_records,
+            "max_train_sequences": src.max_train_sequences if src.max_train_sequences is not None else d.max_train_sequences,
+            "max_val_sequences": src.max_val_sequences if src.max_val_sequences is not None else d.max_val_sequences}
+
+
+def unit_key(cfg: MolConfig, src: SourceConfig, *, model_fp: str, tokenizer_fp: str, chat_template: str | None,
+             source_fp: str, source_format: str) -> dict:
+    """Everything one source's unit depends on; its hash names the unit folder."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model_fingerprint": model_fp,
+        "tokenizer_fingerprint": tokenizer_fp,
+        "chat_template": chat_template,
+        "chat_template_kwargs": cfg.model.chat_template_kwargs,
+        "dtype": cfg.model.dtype,
+        "backend": cfg.teacher.backend,
+        "top_k": cfg.teacher.top_k,
+        "labelled": src.corpus == "general" or cfg.teacher.label_domain,
+        "rows_per_shard": cfg.teacher.rows_per_shard,
+        "packing": {"max_seq_len": cfg.data.max_seq_len, "val_fraction": cfg.data.val_fraction,
+                    "segment_bytes": cfg.data.segment_bytes, "on_bad_record": cfg.data.on_bad_record},
+        "source": {"corpus": src.corpus, "subset": src.subset, "format": source_format, "sha256": source_fp,
+                   **effective_caps(src, cfg)},
+    }
+
+
+def fingerprint(key) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(name).name)[:48]
+
+
+@dataclass
+class ResolvedUnit:
+    """One source resolved against the files on disk: its key and where its unit lives."""
+
+    source: SourceConfig
+    key: dict
+    fingerprint: str
+    dir: Path
+
+    @property
+    def labelled(self) -> bool:
+        return self.key["labelled"]
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+
+@dataclass
+class ResolvedKey:
+    """A config resolved against the files on disk: its units, and the set folder naming them."""
+
+    model_path: Path
+    units: list[ResolvedUnit]
+    key: dict
+    fingerprint: str
+    cache_dir: Path  # the set folder
+
+
+def set_key(units: list[ResolvedUnit], cfg: MolConfig, model_fp: str, tokenizer_fp: str) -> dict:
+    return {"schema_version": SCHEMA_VERSION, "model_fingerprint": model_fp, "tokenizer_fingerprint": tokenizer_fp,
+            "top_k": cfg.teacher.top_k, "label_domain": cfg.teacher.label_domain,
+            "packing": {"max_seq_len": cfg.data.max_seq_len},
+            "units": [u.fingerprint for u in units]}
+
+
+def resolve_cache_key(cfg: MolConfig, tokenizer=None) -> ResolvedKey:
+    """Fingerprint the model, tokenizer, template and every source (file hashes only, no model load)."""
+    from .corpora import detect_format, source_fingerprint
+    from .model import load_tokenizer, model_fingerprint, resolve_model_path, tokenizer_fingerprint
+
+    model_path = resolve_model_path(cfg.model.name)
+    tokenizer = tokenizer or load_tokenizer(model_path)
+    model_fp, tok_fp = model_fingerprint(model_path), tokenizer_fingerprint(model_path)
+    root = expand_path(cfg.teacher.cache_root)
+    units = []
+    for s in cfg.data.sources:
+        p = expand_path(s.path)
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: source file does not exist (corpus {s.corpus}, subset {s.subset}); "
+                                    f"for the default data run `make data`")
+        key = unit_key(cfg, s, model_fp=model_fp, tokenizer_fp=tok_fp, chat_template=tokenizer.chat_template,
+                       source_fp=source_fingerprint(p), source_format=detect_format(p, s.format))
+        fp = fingerprint(key)
+        units.append(ResolvedUnit(s, key, fp, root / UNITS_DIR / f"{s.corpus}-{_slug(s.subset)}-{fp[:16]}"))
+    key = set_key(units, cfg, model_fp, tok_fp)
+    fp = fingerprint(key)
+    return ResolvedKey(model_path, units, key, fp, root / SETS_DIR / f"{_slug(cfg.model.name)}-{fp[:16]}")
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    try:
+        write_atomic(folder / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
     except OSError as e:
-        raise CacheError(f"{cache_dir / MANIFEST}: could not write the manifest ({e}); every shard is kept "
+        raise CacheError(f"{folder / MANIFEST}: could not write the manifest ({e}); every shard is kept "
                          f"and the next run only writes the manifest") from e
 
 
-_MANIFEST_FIELDS = {"fingerprint": str, "key": dict, "model": dict, "counts": dict, "totals": dict,
-                    "residual": dict, "shards": list}
-_KEY_FIELDS = {"model_fingerprint": str, "tokenizer_fingerprint": str, "top_k": int, "label_domain": bool}
-_SHARD_FIELDS = {"file": str, "rows": int, "bytes": int, "sha256": str}
+def _read_manifest(folder: Path, what: str) -> dict:
+    mf = folder / MANIFEST
+    if not mf.is_file():
+        raise CacheError(f"{folder}: no {MANIFEST}; the teacher pass did not finish (run `make teacher-cache`)")
+    try:
+        m = json.loads(mf.read_text())
+    except ValueError as e:
+        raise CacheError(f"{mf}: unreadable manifest ({e})") from None
+    version = m.get("schema_version") if isinstance(m, dict) else None
+    if version != SCHEMA_VERSION:
+        raise CacheError(f"{folder}: schema version {version} != {SCHEMA_VERSION} that this code reads; "
+                         f"rebuild the cache (make teacher-cache)")
+    if m.get("kind") != what:
+        raise CacheError(f"{mf}: a {m.get('kind')!r} manifest where a {what!r} belongs")
+    return m
 
 
-def manifest_problems(m) -> list[str]:
-    """What a readable manifest lacks for the reader and the CLIs to use it (empty = usable)."""
-    if not isinstance(m, dict):
-        return [f"top level is a {type(m).__name__}, not an object"]
-    out = [f"'{k}' missing or not a {t.__name__}" for k, t in _MANIFEST_FIELDS.items() if not isinstance(m.get(k), t)]
+def _type_problems(obj: dict, fields: dict, prefix: str = "") -> list[str]:
+    return [f"'{prefix}{k}' missing or not a {t.__name__}" for k, t in fields.items()
+            if not isinstance(obj.get(k), t) or (t is int and isinstance(obj.get(k), bool))]
+
+
+_UNIT_FIELDS = {"fingerprint": str, "key": dict, "model": dict, "counts": dict, "totals": dict,
+                "residual": dict, "shards": list}
+_UNIT_KEY_FIELDS = {"model_fingerprint": str, "tokenizer_fingerprint": str, "top_k": int, "labelled": bool,
+                    "source": dict}
+_SHARD_FIELDS = {"file": str, "segment": int, "part": int, "rows": int, "tokens": int, "bytes": int,
+                 "sha256": str}
+_SET_FIELDS = {"fingerprint": str, "key": dict, "model": dict, "counts": dict, "totals": dict,
+               "residual": dict, "units": list}
+_SET_KEY_FIELDS = {"model_fingerprint": str, "tokenizer_fingerprint": str, "top_k": int, "label_domain": bool}
+_SET_UNIT_FIELDS = {"dir": str, "fingerprint": str, "corpus": str, "subset": str}
+
+
+def unit_manifest_problems(m) -> list[str]:
+    """What a readable unit manifest lacks for the reader and the CLIs to use it (empty = usable)."""
+    out = _type_problems(m, _UNIT_FIELDS)
     if isinstance(m.get("key"), dict):
-        out += [f"'key.{k}' missing or not a {t.__name__}" for k, t in _KEY_FIELDS.items()
-                if not isinstance(m["key"].get(k), t)]
+        out += _type_problems(m["key"], _UNIT_KEY_FIELDS, "key.")
+        if isinstance(m["key"].get("source"), dict):
+            out += _type_problems(m["key"]["source"], {"corpus": str, "subset": str}, "key.source.")
     for i, sh in enumerate(m.get("shards") if isinstance(m.get("shards"), list) else []):
-        bad = [k for k, t in _SHARD_FIELDS.items() if not isinstance(sh, dict) or not isinstance(sh.get(k), t)]
+        bad = _type_problems(sh, _SHARD_FIELDS) if isinstance(sh, dict) else ["an object"]
         if bad:
-            out.append(f"shards[{i}]: {', '.join(bad)} missing or of the wrong type")
-        elif Path(sh["file"]).name != sh["file"]:
-            out.append(f"shards[{i}]: file {sh['file']!r} is not a name inside the cache folder")
+            out.append(f"shards[{i}]: " + "; ".join(bad))
+        elif Path(sh["file"]).name != sh["file"] or parse_shard_name(sh["file"]) != (sh["segment"], sh["part"]):
+            out.append(f"shards[{i}]: file {sh['file']!r} is not segment {sh['segment']} part {sh['part']}'s name")
     return out
+
+
+def set_manifest_problems(m) -> list[str]:
+    out = _type_problems(m, _SET_FIELDS)
+    if isinstance(m.get("key"), dict):
+        out += _type_problems(m["key"], _SET_KEY_FIELDS, "key.")
+    for i, u in enumerate(m.get("units") if isinstance(m.get("units"), list) else []):
+        bad = _type_problems(u, _SET_UNIT_FIELDS) if isinstance(u, dict) else ["an object"]
+        if bad:
+            out.append(f"units[{i}]: " + "; ".join(bad))
+        elif Path(u["dir"]).parts[:1] != (UNITS_DIR,) or len(Path(u["dir"]).parts) != 2:
+            out.append(f"units[{i}]: dir {u['dir']!r} is not units/<name>")
+    return out
+
+
+# --------------------------------------------------------------------------- reading
 
 
 @dataclass
@@ -259,7 +504,7 @@ class Sequences:
     tok_off: np.ndarray         # [N+1]
     teacher_topk_ids: np.ndarray | None    # [total_positions, k]
     teacher_topk_probs: np.ndarray | None  # [total_positions, k] uint16 codes, as stored (compact)
-    teacher_residual: np.ndarray | None    # [total_positions] float16
+    teacher_residual: np.ndarray | None    # [total_positions] uint16 log codes, as stored
     has_teacher: np.ndarray     # [N] bool
     pos_off: np.ndarray         # [N+1]
 
@@ -276,31 +521,167 @@ class Sequences:
             p, q = self.pos_off[i], self.pos_off[i + 1]
             out[TOPK_IDS] = self.teacher_topk_ids[p:q]
             out[TOPK_PROBS] = decode_probs(self.teacher_topk_probs[p:q])
-            out[RESIDUAL] = self.teacher_residual[p:q].astype(np.float32)
+            out[RESIDUAL] = decode_residual(self.teacher_residual[p:q])
         else:
             out[TOPK_IDS] = out[TOPK_PROBS] = out[RESIDUAL] = None
         return out
 
 
+def _sequences_from_tables(tables: list[pa.Table], where: Path, k: int) -> Sequences | None:
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return None
+    t = pa.concat_tables(tables).combine_chunks()
+    ids_col = t.column(INPUT_IDS).chunk(0)
+    tok_off = ids_col.offsets.to_numpy().astype(np.int64)
+    tok_off = tok_off - tok_off[0]
+    input_ids = ids_col.flatten().to_numpy().astype(np.int64)
+    n = t.num_rows
+    if RESIDUAL in t.column_names:
+        has = np.asarray(t.column(RESIDUAL).is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    else:
+        has = np.zeros(n, dtype=bool)
+    pos_off = np.zeros(n + 1, dtype=np.int64)
+    pos_off[1:] = np.cumsum(np.where(has, np.diff(tok_off) - 1, 0))
+    tk_ids = tk_probs = resid = None
+    if has.any():
+        # null rows contribute no values to the flattened children, so offsets line up with pos_off
+        tk_ids = t.column(TOPK_IDS).chunk(0).flatten().flatten().to_numpy().reshape(-1, k)
+        tk_probs = t.column(TOPK_PROBS).chunk(0).flatten().flatten().to_numpy().reshape(-1, k)
+        resid = t.column(RESIDUAL).chunk(0).flatten().to_numpy()
+        if len(resid) != pos_off[-1]:
+            raise CacheError(f"{where}: teacher arrays have {len(resid)} positions, expected {pos_off[-1]}")
+    return Sequences(
+        seq_id=t.column(SEQ_ID).to_numpy(),
+        corpus=np.array(t.column(CORPUS).to_pylist(), dtype=object),
+        subset=np.array(t.column(SUBSET).to_pylist(), dtype=object),
+        input_ids=input_ids, tok_off=tok_off,
+        teacher_topk_ids=tk_ids, teacher_topk_probs=tk_probs, teacher_residual=resid,
+        has_teacher=has, pos_off=pos_off,
+    )
+
+
+def concat_sequences(parts: list[Sequences]) -> Sequences:
+    if len(parts) == 1:
+        return parts[0]
+    tok = np.concatenate([[0]] + [p.tok_off[1:] + sum(q.tok_off[-1] for q in parts[:i]) for i, p in enumerate(parts)])
+    pos = np.concatenate([[0]] + [p.pos_off[1:] + sum(q.pos_off[-1] for q in parts[:i]) for i, p in enumerate(parts)])
+    labelled = [p for p in parts if p.teacher_topk_ids is not None]
+
+    def cat(name):
+        return np.concatenate([getattr(p, name) for p in labelled]) if labelled else None
+
+    return Sequences(
+        seq_id=np.concatenate([p.seq_id for p in parts]), corpus=np.concatenate([p.corpus for p in parts]),
+        subset=np.concatenate([p.subset for p in parts]), input_ids=np.concatenate([p.input_ids for p in parts]),
+        tok_off=tok.astype(np.int64), teacher_topk_ids=cat("teacher_topk_ids"),
+        teacher_topk_probs=cat("teacher_topk_probs"), teacher_residual=cat("teacher_residual"),
+        has_teacher=np.concatenate([p.has_teacher for p in parts]), pos_off=pos.astype(np.int64))
+
+
+class CacheUnit:
+    """One source's complete unit folder, opened through its manifest."""
+
+    def __init__(self, path: Path | str, fingerprint: str | None = None):
+        self.path = Path(path)
+        self.manifest = _read_manifest(self.path, "unit")
+        problems = unit_manifest_problems(self.manifest)
+        if problems:
+            raise CacheError(f"{self.path / MANIFEST}: malformed manifest: " + "; ".join(problems))
+        if fingerprint is not None and self.manifest["fingerprint"] != fingerprint:
+            raise CacheError(f"{self.path}: holds unit {self.manifest['fingerprint'][:16]}, "
+                             f"expected {fingerprint[:16]} (a folder copied under another unit's name?)")
+
+    @classmethod
+    def from_manifest(cls, path: Path, manifest: dict) -> "CacheUnit":
+        """A unit whose manifest is still in memory (the finalize step reads it before writing it)."""
+        unit = object.__new__(cls)
+        unit.path, unit.manifest = Path(path), manifest
+        return unit
+
+    @property
+    def k(self) -> int:
+        return self.manifest["key"]["top_k"]
+
+    @property
+    def labelled(self) -> bool:
+        return self.manifest["key"]["labelled"]
+
+    @property
+    def corpus(self) -> str:
+        return self.manifest["key"]["source"]["corpus"]
+
+    @property
+    def shard_paths(self) -> list[Path]:
+        return [self.path / s["file"] for s in self.manifest["shards"]]
+
+    def _check_shard(self, s: dict, p: Path) -> list[str]:
+        """A shard whose bytes match is still checked against the contract: schema, k, rows."""
+        try:
+            pf = pq.ParquetFile(p)
+        except Exception as e:
+            return [f"{s['file']}: unreadable Parquet ({e})"]
+        out = []
+        if pf.metadata.num_rows != s["rows"]:
+            out.append(f"{s['file']}: {pf.metadata.num_rows} rows, manifest says {s['rows']}")
+        vocab = self.manifest["model"].get("vocab_size")
+        want = arrow_schema(self.k, vocab if isinstance(vocab, int) else 1 << 16)
+        got = pf.schema_arrow.remove_metadata()
+        if not got.equals(want):
+            bad = [f.name for f in want if f.name not in got.names or got.field(f.name) != f]
+            out.append(f"{s['file']}: schema differs from the cache contract (k = {self.k}) in {', '.join(bad) or 'fields'}")
+        res = shard_resume(p)
+        if res is None or (res.get("unit"), res.get("segment"), res.get("part")) != (
+                self.manifest["fingerprint"], s["segment"], s["part"]):
+            out.append(f"{s['file']}: its resume record does not name this unit's segment {s['segment']} "
+                       f"part {s['part']} (a shard from elsewhere?)")
+        return out
+
+    def verify(self, progress=None) -> list[str]:
+        """Check every shard's existence, size, sha256, schema and row count; return the problems (empty = ok)."""
+        problems = []
+        prefix = f"{UNITS_DIR}/{self.path.name}/"
+        for s in self.manifest["shards"]:
+            p = self.path / s["file"]
+            if not p.is_file():
+                problems.append(f"{prefix}{s['file']}: missing")
+            elif p.stat().st_size != s["bytes"]:
+                problems.append(f"{prefix}{s['file']}: {p.stat().st_size} bytes, manifest says {s['bytes']}")
+            elif sha256_path(p) != s["sha256"]:
+                problems.append(f"{prefix}{s['file']}: sha256 mismatch (corrupt or modified)")
+            else:
+                problems += [prefix + q for q in self._check_shard(s, p)]
+            if progress:
+                progress(1)
+        # an entry removed from the manifest would silently drop its rows from training
+        listed = {s["file"] for s in self.manifest["shards"]}
+        for p in sorted(self.path.glob(SHARD_GLOB)):
+            if p.name not in listed:
+                problems.append(f"{prefix}{p.name}: on disk but not listed in the manifest (edited manifest?)")
+        rows = sum(s["rows"] for s in self.manifest["shards"])
+        if rows != self.manifest["totals"].get("sequences"):
+            problems.append(f"{prefix}{MANIFEST}: its shards hold {rows} rows, totals.sequences says "
+                            f"{self.manifest['totals'].get('sequences')}")
+        return problems
+
+    def load(self, split: str, columns_teacher: bool = True) -> Sequences | None:
+        """Every row of `split` as flat numpy arrays (None when the unit has none)."""
+        cols = [SEQ_ID, CORPUS, SUBSET, INPUT_IDS] + (list(TEACHER_COLUMNS) if columns_teacher else [])
+        tables = [pq.read_table(p, columns=cols, filters=[(SPLIT, "=", split)]) for p in self.shard_paths]
+        return _sequences_from_tables(tables, self.path, self.k)
+
+
 class TeacherCache:
-    """A complete cache folder, opened through its manifest."""
+    """A config's complete cache: its set manifest and the units it lists, in config order."""
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
-        mf = self.path / MANIFEST
-        if not mf.is_file():
-            raise CacheError(f"{self.path}: no {MANIFEST}; the teacher pass did not finish (run `make teacher-cache`)")
-        try:
-            self.manifest = json.loads(mf.read_text())
-        except ValueError as e:
-            raise CacheError(f"{mf}: unreadable manifest ({e})") from None
-        version = self.manifest.get("schema_version") if isinstance(self.manifest, dict) else None
-        if version != SCHEMA_VERSION:
-            raise CacheError(f"{self.path}: schema version {version} "
-                             f"!= {SCHEMA_VERSION} that this code reads; rebuild the cache")
-        problems = manifest_problems(self.manifest)
+        self.manifest = _read_manifest(self.path, "set")
+        problems = set_manifest_problems(self.manifest)
         if problems:
-            raise CacheError(f"{mf}: malformed manifest: " + "; ".join(problems))
+            raise CacheError(f"{self.path / MANIFEST}: malformed manifest: " + "; ".join(problems))
+        root = self.path.parent.parent
+        self.units = [CacheUnit(root / u["dir"], u["fingerprint"]) for u in self.manifest["units"]]
 
     @property
     def k(self) -> int:
@@ -311,39 +692,19 @@ class TeacherCache:
         return self.manifest["key"]["label_domain"]
 
     @property
-    def shard_paths(self) -> list[Path]:
-        return [self.path / s["file"] for s in self.manifest["shards"]]
+    def shard_count(self) -> int:
+        return sum(len(u.manifest["shards"]) for u in self.units)
 
     def verify(self, progress=None) -> list[str]:
-        """Check every shard's existence, size, sha256 and row count; return the problems (empty = ok)."""
+        """Every unit's checks (see CacheUnit.verify), and each unit against the set's model and k."""
         problems = []
-        for s in self.manifest["shards"]:
-            p = self.path / s["file"]
-            if not p.is_file():
-                problems.append(f"{s['file']}: missing")
-            elif p.stat().st_size != s["bytes"]:
-                problems.append(f"{s['file']}: {p.stat().st_size} bytes, manifest says {s['bytes']}")
-            elif sha256_path(p) != s["sha256"]:
-                problems.append(f"{s['file']}: sha256 mismatch (corrupt or modified)")
-            else:
-                try:
-                    rows = pq.ParquetFile(p).metadata.num_rows
-                except Exception as e:
-                    rows = None
-                    problems.append(f"{s['file']}: unreadable Parquet ({e})")
-                if rows is not None and rows != s["rows"]:
-                    problems.append(f"{s['file']}: {rows} rows, manifest says {s['rows']}")
-            if progress:
-                progress(1)
-        # an entry removed from the manifest would silently drop its rows from training
-        listed = {s["file"] for s in self.manifest["shards"]}
-        for p in sorted(self.path.glob("shard-*.parquet")):
-            if p.name not in listed:
-                problems.append(f"{p.name}: on disk but not listed in the manifest (edited manifest?)")
-        n_rows = sum(s["rows"] for s in self.manifest["shards"])
-        if n_rows != self.manifest["totals"].get("sequences"):
-            problems.append(f"{MANIFEST}: its shards hold {n_rows} rows, totals.sequences says "
-                            f"{self.manifest['totals'].get('sequences')}")
+        key = self.manifest["key"]
+        for u in self.units:
+            uk = u.manifest["key"]
+            for name in ("model_fingerprint", "tokenizer_fingerprint", "top_k"):
+                if uk[name] != key[name]:
+                    problems.append(f"{UNITS_DIR}/{u.path.name}: {name} {str(uk[name])[:12]} != the set's {str(key[name])[:12]}")
+            problems += u.verify(progress)
         return problems
 
     def check_compatible(self, *, model_fp: str, tokenizer_fp: str, k: int) -> None:
@@ -360,72 +721,84 @@ class TeacherCache:
             raise CacheError(f"cache {self.path} does not match this run: " + "; ".join(problems))
 
     def load(self, split: str, corpus: str | None = None, columns_teacher: bool = True) -> Sequences:
-        """Read every row of `split` (optionally one corpus) into flat numpy arrays."""
-        filt = [(SPLIT, "=", split)] + ([(CORPUS, "=", corpus)] if corpus else [])
-        cols = [SEQ_ID, CORPUS, SUBSET, INPUT_IDS] + (list(TEACHER_COLUMNS) if columns_teacher else [])
-        tables = [pq.read_table(p, columns=cols, filters=filt) for p in self.shard_paths]
-        schema = tables[0].schema if tables else None
-        t = pa.concat_tables(tables) if tables else None
-        if t is None or t.num_rows == 0:
+        """Read every row of `split` (optionally one corpus) into flat numpy arrays, units in order."""
+        parts = [s for u in self.units if corpus in (None, u.corpus)
+                 if (s := u.load(split, columns_teacher)) is not None]
+        if not parts:
             raise CacheError(f"{self.path}: no {split} rows" + (f" for corpus {corpus}" if corpus else ""))
-        t = t.combine_chunks()
-        ids_col = t.column(INPUT_IDS).chunk(0)
-        tok_off = ids_col.offsets.to_numpy().astype(np.int64)
-        tok_off = tok_off - tok_off[0]
-        lengths = np.diff(tok_off)
-        input_ids = ids_col.flatten().to_numpy().astype(np.int64)
-        n = t.num_rows
-        pos_len = lengths - 1
-        if columns_teacher:
-            has = np.asarray(t.column(RESIDUAL).is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-        else:
-            has = np.zeros(n, dtype=bool)
-        pos_off = np.zeros(n + 1, dtype=np.int64)
-        pos_off[1:] = np.cumsum(np.where(has, pos_len, 0))
-        tk_ids = tk_probs = resid = None
-        if has.any():
-            k = schema.field(TOPK_IDS).type.value_type.list_size
-            # null rows contribute no values to the flattened children, so offsets line up with pos_off
-            tk_ids = t.column(TOPK_IDS).chunk(0).flatten().flatten().to_numpy().reshape(-1, k)
-            tk_probs = t.column(TOPK_PROBS).chunk(0).flatten().flatten().to_numpy().reshape(-1, k)
-            resid = t.column(RESIDUAL).chunk(0).flatten().to_numpy()
-            if len(resid) != pos_off[-1]:
-                raise CacheError(f"{self.path}: teacher arrays have {len(resid)} positions, expected {pos_off[-1]}")
-        return Sequences(
-            seq_id=t.column(SEQ_ID).to_numpy(),
-            corpus=np.array(t.column(CORPUS).to_pylist(), dtype=object),
-            subset=np.array(t.column(SUBSET).to_pylist(), dtype=object),
-            input_ids=input_ids, tok_off=tok_off,
-            teacher_topk_ids=tk_ids, teacher_topk_probs=tk_probs, teacher_residual=resid,
-            has_teacher=has, pos_off=pos_off,
-        )
+        return concat_sequences(parts)
 
 
-@dataclass
-class ResolvedKey:
-    """A config resolved against the files on disk: what a cache for it must contain and where it lives."""
-
-    model_path: Path
-    key: dict
-    fingerprint: str
-    cache_dir: Path
+# --------------------------------------------------------------------------- the dataset card
 
 
-def resolve_cache_key(cfg: MolConfig, tokenizer=None) -> ResolvedKey:
-    """Fingerprint the model, tokenizer, template and sources (no model load, only file hashes)."""
-    from .corpora import source_fingerprint
-    from .model import load_tokenizer, model_fingerprint, resolve_model_path, tokenizer_fingerprint
+def _features_yaml(k: int, vocab_size: int) -> str:
+    ids = "uint16" if id_dtype(vocab_size) is np.uint16 else "uint32"
+    return f"""  features:
+  - name: {SEQ_ID}
+    dtype: int64
+  - name: {CORPUS}
+    dtype: string
+  - name: {SUBSET}
+    dtype: string
+  - name: {SPLIT}
+    dtype: string
+  - name: {INPUT_IDS}
+    list: {ids}
+  - name: {TOPK_IDS}
+    list:
+      list: {ids}
+      length: {k}
+  - name: {TOPK_PROBS}
+    list:
+      list: uint16
+      length: {k}
+  - name: {RESIDUAL}
+    list: uint16
+"""
 
-    model_path = resolve_model_path(cfg.model.name)
-    tokenizer = tokenizer or load_tokenizer(model_path)
-    source_fps = []
-    for s in cfg.data.sources:
-        p = expand_path(s.path)
-        if not p.exists():
-            raise FileNotFoundError(f"{p}: source file does not exist (corpus {s.corpus}, subset {s.subset}); "
-                                    f"for the default data run `make data`")
-        source_fps.append(source_fingerprint(p))
-    key = cache_key(cfg, model_fp=model_fingerprint(model_path), tokenizer_fp=tokenizer_fingerprint(model_path),
-                    chat_template=tokenizer.chat_template, source_fps=source_fps)
-    fp = fingerprint(key)
-    return ResolvedKey(model_path, key, fp, cache_dir_for(cfg, cfg.model.name, fp))
+
+def write_card(folder: Path, manifest: dict) -> None:
+    """The unit's README.md: a Hugging Face dataset card, so `datasets.load_dataset(folder)` loads
+    it and `hf upload` publishes it as it is."""
+    key, src = manifest["key"], manifest["key"]["source"]
+    k, vocab = key["top_k"], manifest["model"]["vocab_size"]
+    t = manifest["totals"]
+    text = f"""---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: "shard-*.parquet"
+dataset_info:
+{_features_yaml(k, vocab)}tags:
+- mol
+- knowledge-distillation
+- teacher-labels
+---
+# MoL teacher labels: {src['corpus']}/{src['subset']}
+
+Top-{k} next-token distributions of **{manifest['model']['name']}** over one packed corpus, made by
+MoL's Stage 1 (`make teacher-cache`) for Mixture-of-Losses training (arXiv 2505.12043). One row is
+one packed sequence; the `split` column holds MoL's own train/val split (the dataset's single split
+is named `train` only because the Hub requires one).
+
+| | |
+|---|---|
+| unit fingerprint | `{manifest['fingerprint']}` |
+| model fingerprint | `{key['model_fingerprint']}` |
+| tokenizer fingerprint | `{key['tokenizer_fingerprint']}` |
+| k | {k} (+ one residual bucket) |
+| labelled | {key['labelled']} |
+| source sha256 | `{src['sha256']}` ({src['format']}) |
+| packing | max_seq_len {key['packing']['max_seq_len']}, val_fraction {key['packing']['val_fraction']} |
+| sequences / tokens | {t['sequences']} / {t['tokens']} |
+| bytes per token | {t['bytes_per_token']:.1f} |
+| schema version | {manifest['schema_version']} |
+
+Columns (`mol/cache.py` is the contract): `input_ids` [L]; `teacher_topk_ids` [L-1, k] ascending ids;
+`teacher_topk_probs` [L-1, k] codes q, p = (q / 1023)^2; `teacher_residual` [L-1] codes u,
+r = exp(-u * ln(1e30) / 65535). MoL verifies every shard's sha256 against `manifest.json` before
+it uses a downloaded unit, and refuses one whose model or tokenizer fingerprint differs from the run's.
+"""
+    write_atomic(folder / CARD, text.encode())

@@ -98,6 +98,12 @@ class DataConfig:
     """Cap on packed validation sequences per subset (None = all)."""
     on_bad_record: Literal["error", "skip"] = "error"
     """`error` stops at the first bad record; `skip` drops them and reports count and examples."""
+    segment_bytes: int = 64 << 20
+    """An uncapped source larger than this is packed as independent segments of about this many
+    input bytes (JSONL byte ranges, Parquet/datasets row ranges), so sharded Stage 1 workers split
+    one source without reading what precedes their part. Packing restarts at each segment (one
+    short tail per split and segment). A source with any cap, a .jsonl.zst and a text file are
+    always one segment (a cap is a prefix; a compressed stream cannot be entered in the middle)."""
 
     def validate(self) -> list[str]:
         out = []
@@ -107,6 +113,8 @@ class DataConfig:
             out.append(f"data.max_seq_len must be >= 2 (one input and one target), got {self.max_seq_len}")
         if not 0.0 <= self.val_fraction < 1.0:
             out.append(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.segment_bytes < 1 << 10:
+            out.append(f"data.segment_bytes must be >= 1024, got {self.segment_bytes}")
         for name in ("max_train_sequences", "max_val_sequences"):
             v = getattr(self, name)
             if v is not None and v < 0:
@@ -139,11 +147,15 @@ class TeacherConfig:
     rows_per_shard: int = 64
     """Sequences per Parquet shard (the unit of resume)."""
     zstd_level: int = 19
-    """zstd compression level of the shards (19 costs ~12 µs/token to write, <1% of the pass)."""
+    """zstd compression level of the shards (README: bytes/token against writer tokens/s per level)."""
+    writer_threads: int = 2
+    """Background threads that encode, compress and write shards while the teacher labels the next
+    ones (zstd releases the GIL); at most writer_threads + 1 shards are held in memory."""
     fidelity_sequences: int = 4
     """Sequences re-run at the end to measure |KL_cached - KL_exact| (0 turns it off)."""
     cache_root: str = "${MOL_HOME}/teacher"
-    """Folder holding caches, one sub-folder per fingerprint."""
+    """Folder holding the cache units (units/, one per source and fingerprint, shared by every
+    config) and the configs' unit lists (sets/)."""
     num_workers: int = 1
     """Sharded Stage 1: N independent processes (one per GPU or node) split the shards i by i % N;
     the cache content does not depend on N. With N > 1 a finalize step writes the manifest."""
@@ -156,7 +168,7 @@ class TeacherConfig:
             out.append(f"teacher.num_workers must be >= 1, got {self.num_workers}")
         elif not 0 <= self.worker_index < self.num_workers:
             out.append(f"teacher.worker_index must be in [0, {self.num_workers}), got {self.worker_index}")
-        for name in ("top_k", "batch_size", "chunk_positions", "rows_per_shard"):
+        for name in ("top_k", "batch_size", "chunk_positions", "rows_per_shard", "writer_threads"):
             if getattr(self, name) < 1:
                 out.append(f"teacher.{name} must be >= 1, got {getattr(self, name)}")
         if not 1 <= self.zstd_level <= 22:

@@ -8,13 +8,19 @@ one (corpus, subset, split). Everything is deterministic: the same config gives 
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import hashlib
 import io
 import json
 import logging
+import math
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
+
+import numpy as np
 
 from .config import DataConfig, SourceConfig, expand_path
 
@@ -32,7 +38,7 @@ class PackedSequence:
     corpus: str
     subset: str
     split: str
-    input_ids: list[int]
+    input_ids: np.ndarray  # [L] int32
 
 
 @dataclass
@@ -50,6 +56,14 @@ class SourceReport:
     tokens: dict = field(default_factory=lambda: {s: 0 for s in SPLITS})
     sequences: dict = field(default_factory=lambda: {s: 0 for s in SPLITS})
     capped_sequences: dict = field(default_factory=lambda: {s: 0 for s in SPLITS})
+
+    def merge(self, other: "SourceReport") -> "SourceReport":
+        """This segment's report followed by the next segment's."""
+        out = dataclasses.replace(self, records=self.records + other.records, skipped=self.skipped + other.skipped,
+                                  skipped_examples=(self.skipped_examples + other.skipped_examples)[:5])
+        for name in ("documents", "tokens", "sequences", "capped_sequences"):
+            setattr(out, name, {s: getattr(self, name)[s] + getattr(other, name)[s] for s in SPLITS})
+        return out
 
 
 def detect_format(path: Path, fmt: str) -> str:
@@ -82,77 +96,214 @@ def source_fingerprint(path: Path) -> str:
     return sha256_file(path)
 
 
-def _iter_json_lines(path: Path, stream: io.BufferedIOBase) -> Iterator[tuple[str, object]]:
-    # A bad line is yielded as a CorpusError (not raised) so on_bad_record=skip can count it.
-    for lineno, raw in enumerate(stream, start=1):
-        where = f"{path}:{lineno}"
+class Where:
+    """A record's location for error messages: `file:line` (JSONL), `file:row N` (tables).
+
+    A JSONL segment entered in the middle does not know its line numbers; the number is counted
+    from the byte offset only when a message needs it."""
+
+    __slots__ = ("path", "line", "offset", "row")
+
+    def __init__(self, path: Path, line: int | None = None, offset: int = 0, row: int | None = None):
+        self.path, self.line, self.offset, self.row = path, line, offset, row
+
+    def __str__(self) -> str:
+        if self.row is not None:
+            return f"{self.path}:row {self.row}"
+        if self.line is None:
+            n, left = 0, self.offset
+            with open(self.path, "rb") as f:
+                while left > 0 and (chunk := f.read(min(left, 1 << 22))):
+                    n += chunk.count(b"\n")
+                    left -= len(chunk)
+            self.line = n + 1
+        return f"{self.path}:{self.line}"
+
+    __format__ = lambda self, spec: format(str(self), spec)  # noqa: E731
+
+
+@dataclass
+class Segment:
+    """A contiguous part of one source's records, packed on its own. `start`/`end` are byte
+    offsets (JSONL), decompressed offsets (JSONL.zst) or row indices (Parquet, datasets);
+    end None = to the end of the source."""
+
+    index: int
+    start: int
+    end: int | None
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def plan_segments(src: SourceConfig, segment_bytes: int, capped: bool) -> list[Segment]:
+    """Cut a source into segments of about `segment_bytes` of input (one segment when capped, or
+    for formats that cannot be entered in the middle). Depends only on the file, so every worker
+    of a sharded pass computes the same plan."""
+    path = expand_path(src.path)
+    fmt = detect_format(path, src.format)
+    if capped or fmt in ("jsonl.zst", "text"):
+        return [Segment(0, 0, None)]
+    if fmt == "jsonl":
+        size = path.stat().st_size
+        n = max(1, math.ceil(size / segment_bytes))
+        return [Segment(i, i * segment_bytes, (i + 1) * segment_bytes if i < n - 1 else None) for i in range(n)]
+    rows, size = _table_rows(path, fmt), (_folder_bytes(path) if path.is_dir() else path.stat().st_size)
+    n = max(1, min(rows, math.ceil(size / segment_bytes)))
+    per = math.ceil(rows / n) if rows else 1
+    return [Segment(i, i * per, (i + 1) * per if i < n - 1 else None) for i in range(n)]
+
+
+def _table_rows(path: Path, fmt: str) -> int:
+    if fmt == "parquet":
+        return _open_parquet(path).metadata.num_rows
+    return len(_open_dataset(path))
+
+
+def _open_parquet(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a bad file
+        raise CorpusError(f"{path}: not a readable Parquet file ({e})") from None
+
+
+def _open_dataset(path: Path):
+    from datasets import load_from_disk
+
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as e:
+        raise CorpusError(f"{path}: not a datasets folder saved with save_to_disk ({e})") from None
+    if hasattr(ds, "keys") and not hasattr(ds, "features"):
+        raise CorpusError(f"{path}: is a DatasetDict ({list(ds.keys())}); point at one split's folder")
+    return ds
+
+
+def _parse_json_line(raw: bytes, where: Where) -> object:
+    """A bad line comes back as a CorpusError (not raised) so on_bad_record=skip can count it."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return CorpusError(f"{where}: invalid UTF-8 at byte {e.start}")
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        return CorpusError(f"{where}: invalid JSON ({e.msg}; column {e.colno})")
+
+
+# A reader yields (where, record, position after it, line after it); a record that cannot be
+# parsed comes as a CorpusError in place of the record. Positions are what a resume seeks to.
+
+def _jsonl_records(path: Path, start: int, end: int | None, line: int | None, fresh: bool):
+    with open(path, "rb") as f:
+        pos = start
+        if fresh and start > 0:  # a segment owns the lines that START in [start, end)
+            f.seek(start - 1)
+            pos = start - 1 + len(f.readline())
+            line = None
+        else:
+            f.seek(start)
+        while end is None or pos < end:
+            raw = f.readline()
+            if not raw:
+                return
+            where = Where(path, line, pos)
+            pos += len(raw)
+            line = line + 1 if line is not None else None
+            if raw.strip():
+                yield where, _parse_json_line(raw.rstrip(b"\r\n"), where), pos, line
+
+
+def _jsonl_zst_records(path: Path, start: int, line: int | None):
+    import zstandard
+
+    with open(path, "rb") as raw:
         try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            yield where, CorpusError(f"{where}: invalid UTF-8 at byte {e.start}")
-            continue
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            rec = CorpusError(f"{where}: invalid JSON ({e.msg}; column {e.colno})")
-        yield where, rec
+            stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw), 1 << 20)
+            left = start  # a compressed stream cannot seek: decompress and drop what finished shards hold
+            while left > 0 and (chunk := stream.read(min(left, 1 << 22))):
+                left -= len(chunk)
+            pos = start
+            for raw_line in stream:
+                where = Where(path, line, pos)
+                pos += len(raw_line)
+                line = line + 1 if line is not None else None
+                if raw_line.strip():
+                    yield where, _parse_json_line(raw_line.rstrip(b"\r\n"), where), pos, line
+        except zstandard.ZstdError as e:
+            raise CorpusError(f"{path}: not a valid zstd stream ({e})") from None
 
 
-def iter_records(src: SourceConfig) -> Iterator[tuple[str, object]]:
-    """Yield (location, record) for every record of a source; location is `file:line` or `file:row`.
+def _parquet_records(path: Path, start: int, end: int | None):
+    pf = _open_parquet(path)
+    first, groups = 0, []
+    for g in range(pf.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if first + n > start and (end is None or first < end):
+            groups.append(g)
+        if not groups:
+            first += n
+    row = first
+    for batch in pf.iter_batches(batch_size=1024, row_groups=groups):
+        for rec in batch.to_pylist():
+            row += 1
+            if row <= start:
+                continue
+            if end is not None and row > end:
+                return
+            yield Where(path, row=row), rec, row, None
 
-    A line that is not a record (bad JSON or UTF-8) comes as a CorpusError in place of the record."""
+
+def _dataset_records(path: Path, start: int, end: int | None):
+    ds = _open_dataset(path)
+    stop = len(ds) if end is None else min(end, len(ds))
+    for a in range(start, stop, 1024):
+        cols = ds[a:min(a + 1024, stop)]
+        names = list(cols)
+        for j in range(len(cols[names[0]]) if names else 0):
+            yield Where(path, row=a + j + 1), {n: cols[n][j] for n in names}, a + j + 1, None
+
+
+def _text_records(path: Path, start: int):
+    data = path.read_bytes()
+    if start >= len(data):
+        return
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise CorpusError(f"{path}:{line}: invalid UTF-8 at byte {e.start}") from None
+    yield Where(path, 1), {"text": text}, len(data), None
+
+
+def read_records(src: SourceConfig, start: int = 0, end: int | None = None, line: int | None = 1,
+                 fresh: bool = True) -> Iterator[tuple[Where, object, int, int | None]]:
+    """Records of a source from position `start` (a segment's start when `fresh`, else a resume
+    point) up to `end`: (where, record, position after it, line after it)."""
     path = expand_path(src.path)
     if not path.exists():
         raise CorpusError(f"{path}: source file does not exist (corpus {src.corpus}, subset {src.subset})")
     fmt = detect_format(path, src.format)
     if fmt == "jsonl":
-        with open(path, "rb") as f:
-            yield from _iter_json_lines(path, f)
-    elif fmt == "jsonl.zst":
-        import zstandard
+        return _jsonl_records(path, start, end, line, fresh)
+    if fmt == "jsonl.zst":
+        return _jsonl_zst_records(path, start, line)
+    if fmt == "parquet":
+        return _parquet_records(path, start, end)
+    if fmt == "datasets":
+        return _dataset_records(path, start, end)
+    if fmt == "text":
+        return _text_records(path, start)
+    raise CorpusError(f"{path}: unknown format {fmt!r}")
 
-        with open(path, "rb") as raw:
-            try:
-                reader = zstandard.ZstdDecompressor().stream_reader(raw)
-                yield from _iter_json_lines(path, io.BufferedReader(reader))
-            except zstandard.ZstdError as e:
-                raise CorpusError(f"{path}: not a valid zstd stream ({e})") from None
-    elif fmt == "parquet":
-        import pyarrow.parquet as pq
 
-        try:
-            pf = pq.ParquetFile(path)
-        except Exception as e:  # pyarrow raises several types for a bad file
-            raise CorpusError(f"{path}: not a readable Parquet file ({e})") from None
-        row = 0
-        for batch in pf.iter_batches():
-            for rec in batch.to_pylist():
-                row += 1
-                yield f"{path}:row {row}", rec
-    elif fmt == "datasets":
-        from datasets import load_from_disk
-
-        try:
-            ds = load_from_disk(str(path))
-        except Exception as e:
-            raise CorpusError(f"{path}: not a datasets folder saved with save_to_disk ({e})") from None
-        if hasattr(ds, "keys") and not hasattr(ds, "features"):
-            raise CorpusError(f"{path}: is a DatasetDict ({list(ds.keys())}); point at one split's folder")
-        for row, rec in enumerate(ds, start=1):
-            yield f"{path}:row {row}", rec
-    elif fmt == "text":
-        data = path.read_bytes()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = data[: e.start].count(b"\n") + 1
-            raise CorpusError(f"{path}:{line}: invalid UTF-8 at byte {e.start}") from None
-        yield f"{path}:1", {"text": text}
-    else:
-        raise CorpusError(f"{path}: unknown format {fmt!r}")
+def iter_records(src: SourceConfig) -> Iterator[tuple[Where, object]]:
+    """Every record of a source: (location, record or CorpusError)."""
+    for where, rec, _, _ in read_records(src):
+        yield where, rec
 
 
 def _nonempty_str(rec: dict, key: str, where: str) -> str:
@@ -199,89 +350,169 @@ def is_val_document(text: str, val_fraction: float) -> bool:
     return h / 2**64 < val_fraction
 
 
-class _Packer:
-    def __init__(self, max_seq_len: int, eos_id: int):
-        self.max_seq_len = max_seq_len
-        self.eos_id = eos_id
-        self.buf: list[int] = []
-        self.out: list[list[int]] = []
+def pack_array(a) -> str:
+    """A 1-D int array as compact text (the resume record lives in JSON)."""
+    return base64.b64encode(np.ascontiguousarray(a, dtype="<i4").tobytes()).decode()
 
-    def add(self, ids: list[int]) -> None:
-        self.buf.extend(ids)
-        self.buf.append(self.eos_id)
-        while len(self.buf) >= self.max_seq_len:
-            self.out.append(self.buf[: self.max_seq_len])
-            self.buf = self.buf[self.max_seq_len:]
 
-    def finish(self) -> int:
-        """Flush the short tail as a final sequence; a 1-token tail has no target and is reported."""
-        dropped = 0
-        if len(self.buf) >= 2:
-            self.out.append(self.buf)
+def unpack_array(s: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(s), dtype="<i4").astype(np.int32)
+
+
+_READ_BATCH = 64  # records rendered and tokenized together (the fast tokenizer batches in Rust)
+
+
+class SegmentPacker:
+    """Reads one segment of a source, renders, splits, tokenizes and packs it, yielding
+    PackedSequence as they fill, in bounded memory.
+
+    Documents are joined with EOS and cut into max_seq_len sequences per split; the final short
+    tail of each split is flushed at the segment's end. Caps stop reading once both splits are
+    full. Between two yields everything is in `state()` (reader position, the partial sequences,
+    sequences packed but not yet yielded, counters), so a pass resumed from a saved state yields
+    exactly what the uninterrupted one would have.
+    """
+
+    def __init__(self, src: SourceConfig, data: DataConfig, tokenizer, template_kwargs: dict, segment: Segment,
+                 caps: dict, state: dict | None = None):
+        self.src, self.data, self.tokenizer, self.template_kwargs = src, data, tokenizer, template_kwargs
+        self.segment, self.caps = segment, caps
+        self.path = expand_path(src.path)
+        self.eos = tokenizer.eos_token_id
+        if state is None:
+            self.pos, self.line, self.fresh, self.done = segment.start, 1 if segment.start == 0 else None, True, False
+            self.bufs = {s: np.zeros(0, np.int32) for s in SPLITS}
+            self.pending: deque = deque()
+            self.report = SourceReport(path=str(self.path), corpus=src.corpus, subset=src.subset, sha256="")
         else:
-            dropped = len(self.buf)
-        self.buf = []
-        return dropped
+            self.pos, self.line, self.fresh, self.done = state["pos"], state["line"], False, state["done"]
+            self.bufs = {s: unpack_array(state["bufs"][s]) for s in SPLITS}
+            self.pending = deque((sp, unpack_array(a)) for sp, a in state["pending"])
+            self.report = SourceReport(**state["report"])
+
+    def state(self) -> dict:
+        return {"pos": self.pos, "line": self.line, "done": self.done,
+                "bufs": {s: pack_array(b) for s, b in self.bufs.items()},
+                "pending": [[sp, pack_array(a)] for sp, a in self.pending],
+                "report": dataclasses.asdict(self.report)}
+
+    def _cap(self, split: str):
+        return self.caps["max_train_sequences" if split == "train" else "max_val_sequences"]
+
+    def _full(self, split: str) -> bool:
+        cap = self._cap(split)
+        return cap is not None and self.report.sequences[split] >= cap
+
+    def _emit(self, split: str, ids: np.ndarray) -> None:
+        if self._full(split):
+            self.report.capped_sequences[split] += 1
+        else:
+            self.report.sequences[split] += 1
+            self.pending.append((split, ids))
+
+    def _add(self, split: str, ids) -> None:
+        L = self.data.max_seq_len
+        buf = np.concatenate([self.bufs[split], np.asarray(ids, np.int32), np.array([self.eos], np.int32)])
+        a = 0
+        while len(buf) - a >= L:
+            self._emit(split, buf[a:a + L].copy())
+            a += L
+        self.bufs[split] = buf[a:].copy()
+
+    def _finish(self) -> None:
+        """Flush each split's short tail; a 1-token tail has no target and is reported."""
+        for split in SPLITS:
+            buf = self.bufs[split]
+            if len(buf) >= 2:
+                self._emit(split, buf)
+            elif len(buf):
+                log.info("%s [%s]: final %d-token tail has no next-token target; not stored", self.path, split, len(buf))
+            self.bufs[split] = np.zeros(0, np.int32)
+        self.done = True
+
+    def _fill(self) -> None:
+        """Read, render and tokenize up to _READ_BATCH records, then pack them in order."""
+        rep, max_records = self.report, self.caps["max_records"]
+        batch = []  # (text or CorpusError, split)
+        reader = read_records(self.src, self.pos, self.segment.end, self.line, self.fresh)
+        self.fresh = False
+        exhausted = True
+        for where, rec, pos, line in reader:
+            try:
+                text = record_to_text(rec, where, self.tokenizer, self.template_kwargs)
+                batch.append((text, "val" if is_val_document(text, self.data.val_fraction) else "train"))
+            except CorpusError as e:
+                batch.append((e, None))
+            self.pos, self.line = pos, line
+            if len(batch) >= _READ_BATCH:
+                exhausted = False
+                break
+        if hasattr(reader, "close"):
+            reader.close()
+        # a split full before the batch stays full: its documents are never tokenized
+        todo = [i for i, (_, sp) in enumerate(batch) if sp is not None and not self._full(sp)]
+        tokens = self.tokenizer([batch[i][0] for i in todo], add_special_tokens=False)["input_ids"] if todo else []
+        doc_ids = dict(zip(todo, tokens))
+        for i, (text, split) in enumerate(batch):
+            if max_records is not None and rep.records >= max_records:
+                exhausted = True
+                break
+            if split is None:
+                if self.data.on_bad_record == "error":
+                    raise text
+                rep.skipped += 1
+                if len(rep.skipped_examples) < 5:
+                    rep.skipped_examples.append(str(text))
+                continue
+            rep.records += 1
+            if self._full(split):
+                if self._full("train") and self._full("val"):
+                    exhausted = True
+                    break
+                continue
+            doc = doc_ids[i]
+            rep.documents[split] += 1
+            rep.tokens[split] += len(doc) + 1
+            self._add(split, doc)
+        if exhausted:
+            self._finish()
+
+    def __iter__(self) -> Iterator[PackedSequence]:
+        while True:
+            while self.pending:
+                split, ids = self.pending.popleft()
+                yield PackedSequence(self.src.corpus, self.src.subset, split, ids)
+            if self.done:
+                return
+            self._fill()
 
 
 def pack_source(src: SourceConfig, data: DataConfig, tokenizer, template_kwargs: dict) -> tuple[list[PackedSequence], SourceReport]:
-    """Read, render, split, tokenize and pack one source. Stops reading once both caps are met."""
+    """Read, render, split, tokenize and pack one whole source in memory (one segment; small
+    inputs and tests: Stage 1 streams segments through SegmentPacker instead)."""
     path = expand_path(src.path)
-    report = SourceReport(path=str(path), corpus=src.corpus, subset=src.subset,
-                          sha256=source_fingerprint(path) if path.exists() else "")
-    packers = {s: _Packer(data.max_seq_len, tokenizer.eos_token_id) for s in SPLITS}
-    caps = {
-        "train": src.max_train_sequences if src.max_train_sequences is not None else data.max_train_sequences,
-        "val": src.max_val_sequences if src.max_val_sequences is not None else data.max_val_sequences,
-    }
-
-    def full(split: str) -> bool:
-        return caps[split] is not None and len(packers[split].out) >= caps[split]
-
-    for where, rec in iter_records(src):
-        if src.max_records is not None and report.records >= src.max_records:
-            break
-        try:
-            text = record_to_text(rec, where, tokenizer, template_kwargs)
-        except CorpusError as e:
-            if data.on_bad_record == "error":
-                raise
-            report.skipped += 1
-            if len(report.skipped_examples) < 5:
-                report.skipped_examples.append(str(e))
-            continue
-        report.records += 1
-        split = "val" if is_val_document(text, data.val_fraction) else "train"
-        if full(split):
-            if full("train") and full("val"):
-                break
-            continue
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        report.documents[split] += 1
-        report.tokens[split] += len(ids) + 1
-        packers[split].add(ids)
-
-    if report.records == 0:
-        raise CorpusError(f"{path}: no usable records (corpus {src.corpus}, subset {src.subset})")
-    if report.skipped:
-        log.warning("%s: skipped %d bad records (on_bad_record=skip); first: %s",
-                    path, report.skipped, report.skipped_examples[0])
-    seqs = []
-    for split in SPLITS:
-        p = packers[split]
-        tail = p.finish()
-        if tail:
-            log.info("%s [%s]: final %d-token tail has no next-token target; not stored", path, split, tail)
-        if caps[split] is not None and len(p.out) > caps[split]:
-            report.capped_sequences[split] = len(p.out) - caps[split]
-            p.out = p.out[: caps[split]]
-        report.sequences[split] = len(p.out)
-        seqs += [PackedSequence(src.corpus, src.subset, split, ids) for ids in p.out]
+    caps = {"max_records": src.max_records,
+            "max_train_sequences": src.max_train_sequences if src.max_train_sequences is not None else data.max_train_sequences,
+            "max_val_sequences": src.max_val_sequences if src.max_val_sequences is not None else data.max_val_sequences}
+    packer = SegmentPacker(src, data, tokenizer, template_kwargs, Segment(0, 0, None), caps)
+    seqs = list(packer)
+    report = packer.report
+    report.sha256 = source_fingerprint(path) if path.exists() else ""
+    check_report(report, src)
     return seqs, report
 
 
+def check_report(report: SourceReport, src: SourceConfig) -> None:
+    """A source that gave no usable record is an error; skipped records are worth a warning."""
+    if report.records == 0:
+        raise CorpusError(f"{report.path}: no usable records (corpus {src.corpus}, subset {src.subset})")
+    if report.skipped:
+        log.warning("%s: skipped %d bad records (on_bad_record=skip); first: %s",
+                    report.path, report.skipped, report.skipped_examples[0])
+
+
 def pack_corpora(data: DataConfig, tokenizer, template_kwargs: dict) -> tuple[list[PackedSequence], list[SourceReport]]:
-    """All sources → packed sequences, ordered by (source order, split). Each source packs alone."""
+    """All sources → packed sequences, in memory, ordered by source. Each source packs alone."""
     seqs, reports = [], []
     for src in data.sources:
         s, r = pack_source(src, data, tokenizer, template_kwargs)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from .cache import sha256_path, write_atomic
+from .files import sha256_path, write_atomic
 from .config import mol_home
 
 log = logging.getLogger(__name__)

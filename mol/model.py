@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import sha256_path
+from .files import sha256_path
 from .config import ModelConfig, mol_home
 
 log = logging.getLogger(__name__)

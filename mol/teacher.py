@@ -2,29 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
 import os
 import platform
+import queue
+import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from . import cache as C
 from .config import ConfigError, MolConfig, dump_config
-from .corpora import CorpusError, PackedSequence, pack_corpora
+from .corpora import CorpusError, Segment, SegmentPacker, SourceReport, check_report, plan_segments
 from .model import load_model, load_tokenizer, pick_device
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
-MakeBar = Callable[[int, str], Progress]
+MakeBar = Callable[[Optional[int], str], Progress]  # (total or None when unknown, description)
 
 
 def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -64,14 +67,15 @@ def topk_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, k: int, chunk: 
 
 
 @torch.no_grad()
-def teacher_labels(model, batch: list[list[int]], k: int, chunk: int, pad_id: int, device: torch.device):
-    """Label a batch of sequences: per sequence (ids [L-1, k], probs [L-1, k], residual [L-1]) numpy."""
+def teacher_labels(model, batch: list, k: int, chunk: int, pad_id: int, device: torch.device):
+    """Label a batch of token sequences (lists or int arrays): per sequence (ids [L-1, k], probs [L-1, k],
+    residual [L-1]) numpy."""
     lens = [len(s) for s in batch]
     L = max(lens)
     x = torch.full((len(batch), L), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), L), dtype=torch.long)
     for i, s in enumerate(batch):
-        x[i, : len(s)] = torch.tensor(s)
+        x[i, : len(s)] = torch.as_tensor(np.asarray(s, dtype=np.int64))
         mask[i, : len(s)] = 1
     x, mask = x.to(device), mask.to(device)
     h = final_hidden(model, x, mask if min(lens) < L else None)
@@ -86,23 +90,6 @@ def teacher_labels(model, batch: list[list[int]], k: int, chunk: int, pad_id: in
         out.append((ids[a:a + n - 1], probs[a:a + n - 1], resid[a:a + n - 1]))
         a += n - 1
     return out
-
-
-@contextmanager
-def cache_lock(cache_dir: Path, worker: int | None = None):
-    """One teacher pass per cache (or per worker of a sharded pass) at a time: a second is refused."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    name = ".lock" if worker is None else f".lock-worker-{worker:04d}"
-    fd = os.open(cache_dir / name, os.O_CREAT | os.O_RDWR)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            who = "another teacher pass" if worker is None else f"another process as worker {worker}"
-            raise C.CacheError(f"{cache_dir}: {who} is writing this cache (lock held)") from None
-        yield
-    finally:
-        os.close(fd)
 
 
 @contextmanager
@@ -130,20 +117,9 @@ def _config_vocab_size(model_path: Path, tokenizer) -> int:
     return max(n, v) if isinstance(v, int) else n
 
 
-def _shard_rows(seqs: list[PackedSequence], rows_per_shard: int):
-    for s in range(0, len(seqs), rows_per_shard):
-        yield s // rows_per_shard, s, seqs[s:s + rows_per_shard]
-
-
-def _residual_sample(resid: np.ndarray, limit: int = 4096) -> np.ndarray:
-    if len(resid) <= limit:
-        return resid
-    return resid[np.linspace(0, len(resid) - 1, limit).astype(np.int64)]
-
-
 @torch.no_grad()
-def measure_fidelity(model, cache: C.TeacherCache, n_sequences: int, chunk: int, device, temperature: float = 1.5) -> dict:
-    """Re-run the teacher on a few cached sequences and compare the KL the cache gives with the exact one.
+def measure_fidelity(model, unit: C.CacheUnit, n_sequences: int, chunk: int, device, temperature: float = 1.5) -> dict:
+    """Re-run the teacher on a few of a unit's cached training sequences and compare the KL the cache gives with the exact one.
 
     Probe student: the teacher's own logits at `temperature` (a drifted, fully known student).
     - kl_quantisation: mean |KL_trunc(cached, quantised labels) - KL_trunc(exact fp32 labels, same ids)|
@@ -152,8 +128,8 @@ def measure_fidelity(model, cache: C.TeacherCache, n_sequences: int, chunk: int,
     """
     from .losses import truncated_reverse_kl
 
-    seqs = cache.load("train", corpus="general")
-    if not seqs.has_teacher.any():
+    seqs = unit.load("train")
+    if seqs is None or not seqs.has_teacher.any():
         return {}
     rows = [seqs.row(i) for i in range(len(seqs)) if seqs.has_teacher[i]][:n_sequences]
     w = model.get_output_embeddings().weight.double()
@@ -220,181 +196,494 @@ def _teacher_backend(cfg: MolConfig, model_path: Path, device, pad_id: int):
     return model, lambda batch: teacher_labels(model, batch, k, chunk, pad_id, device)
 
 
-def _worker_stats_path(cache_dir: Path, index: int) -> Path:
-    return cache_dir / f"worker-{index:04d}.json"
+@contextmanager
+def cache_lock(folder: Path, worker: int | None = None, shared: bool = False, what: str = "cache"):
+    """One writer per folder: an exclusive lock refuses a second. Workers of a sharded pass take
+    the folder's lock shared (so they exclude a single pass and a finalize, not each other) plus
+    an exclusive lock of their own index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fds = []
+    try:
+        for name, mode in ([(".lock", fcntl.LOCK_SH if shared else fcntl.LOCK_EX)]
+                           + ([(f".lock-worker-{worker:04d}", fcntl.LOCK_EX)] if worker is not None else [])):
+            fd = os.open(folder / name, os.O_CREAT | os.O_RDWR)
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                who = (f"another process as worker {worker}" if name != ".lock"
+                       else "another teacher pass" if not shared else "a single (unsharded) pass or a finalize")
+                raise C.CacheError(f"{folder}: {who} is writing this {what} (lock held)") from None
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _residual_stats(resid: np.ndarray, limit: int = 64) -> dict:
+    """One shard's exact residuals summarised for the manifest (fp16 counts: why schema 3)."""
+    r = resid.astype(np.float64)
+    pick = np.linspace(0, len(r) - 1, min(limit, len(r))).astype(np.int64) if len(r) else []
+    return {"sum": float(r.sum()), "n": int(len(r)), "below_floor": int((r < C.RESIDUAL_FLOOR).sum()),
+            "fp16_zero": int((r.astype(np.float16) == 0).sum()),
+            "fp16_subnormal": int(((r > 0) & (r < 2.0 ** -14)).sum()),
+            "sample": [float(f"{v:.4g}") for v in r[pick]]}
+
+
+@dataclass
+class _Group:
+    """rows_per_shard packed sequences and the packer's state right after the last of them."""
+
+    seqs: list
+    state: dict
+    end: bool  # the segment's last group
+
+
+def _produce(packer: SegmentPacker, rows: int, out: queue.Queue, stop: threading.Event) -> None:
+    """Producer thread: read, tokenize and pack one segment into groups of `rows` sequences.
+    The last group (possibly empty) carries the final state (done = True)."""
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        it = iter(packer)
+        group, nxt = [], next(it, None)
+        while nxt is not None:
+            group.append(nxt)
+            state = packer.state() if len(group) == rows else None
+            nxt = next(it, None)
+            if state is not None and nxt is not None:
+                if not put(_Group(group, state, False)):
+                    return
+                group = []
+        put(_Group(group, packer.state(), True))
+    except BaseException as e:  # handed to the consumer, which raises it
+        put(e)
+
+
+def _segment_progress(unit: C.ResolvedUnit, segment: int) -> tuple[int, dict | None]:
+    """(next part to write, resume record of the part before it) from the shards on disk.
+
+    Parts are renamed by parallel writer threads, so a kill can leave part p+1 without part p:
+    the pass resumes after the contiguous prefix (and rewrites the same bytes after it). A shard
+    whose resume record does not name this unit, segment and part is refused, never trusted."""
+    parts = sorted(p for p in (C.parse_shard_name(f.name) for f in unit.dir.glob(f"shard-{segment:05d}-*.parquet"))
+                   if p is not None)
+    nxt, last = 0, None
+    for seg, part in parts:
+        if part != nxt:
+            break
+        path = unit.dir / C.shard_name(seg, part)
+        rec = C.shard_resume(path)
+        if rec is None or (rec.get("unit"), rec.get("segment"), rec.get("part")) != (unit.fingerprint, seg, part):
+            raise C.CacheError(f"{path}: not a shard this pass wrote for unit {unit.fingerprint[:16]} segment {seg} "
+                               f"part {part} (its resume record says {None if rec is None else (str(rec.get('unit'))[:16], rec.get('segment'), rec.get('part'))}); "
+                               f"remove it and run again")
+        nxt, last = part + 1, rec
+    return nxt, last
+
+
+def _segment_done(unit: C.ResolvedUnit, segment: int) -> bool:
+    _, last = _segment_progress(unit, segment)
+    return last is not None and last["end"]
+
+
+@dataclass
+class _Labeller:
+    """The teacher, loaded on first use: a pass whose units are all reused loads no model."""
+
+    cfg: MolConfig
+    model_path: Path
+    device: torch.device
+    pad_id: int
+    vocab: int
+    model: object = None
+    label: object = None
+    seconds: float = 0.0
+    tokens: int = 0
+
+    def __call__(self, batch: list[np.ndarray]):
+        if self.label is None:
+            self.model, self.label = _teacher_backend(self.cfg, self.model_path, self.device, self.pad_id)
+            if self.model is not None:
+                self.vocab = max(self.vocab, self.model.get_output_embeddings().weight.shape[0])
+            if self.cfg.teacher.top_k >= self.vocab:
+                raise ConfigError([f"teacher.top_k = {self.cfg.teacher.top_k} must be < the model's vocabulary size {self.vocab}"])
+        t0 = time.time()
+        out = self.label(batch)
+        self.seconds += time.time() - t0
+        self.tokens += sum(len(s) for s in batch)
+        return out
+
+
+def _shard_data(group: _Group, unit: C.ResolvedUnit, segment: int, part: int, labels, vocab: int) -> C.ShardData:
+    seqs = group.seqs
+    lens = np.array([len(s.input_ids) for s in seqs], dtype=np.int64)
+    tok_off = np.zeros(len(seqs) + 1, dtype=np.int64)
+    tok_off[1:] = np.cumsum(lens)
+    first = part * unit.key["rows_per_shard"]
+    d = C.ShardData(
+        seq_id=segment * C.SEGMENT_STRIDE + first + np.arange(len(seqs), dtype=np.int64),
+        corpus=unit.source.corpus, subset=unit.source.subset, split=[s.split for s in seqs],
+        input_ids=np.concatenate([s.input_ids for s in seqs]) if seqs else np.zeros(0, np.int32), tok_off=tok_off)
+    counts = {sp: [int(sum(1 for s in seqs if s.split == sp)), int(sum(len(s.input_ids) for s in seqs if s.split == sp))]
+              for sp in ("train", "val")}
+    record = {"unit": unit.fingerprint, "segment": segment, "part": part, "rows": len(seqs), "end": group.end,
+              "counts": counts, "state": group.state}
+    if labels is not None:
+        ids = np.concatenate([x[0] for x in labels]) if labels else np.zeros((0, unit.key["top_k"]), np.int64)
+        probs = np.concatenate([x[1] for x in labels]) if labels else np.zeros((0, unit.key["top_k"]), np.float32)
+        resid = np.concatenate([x[2] for x in labels]) if labels else np.zeros(0, np.float32)
+        d.topk_ids, d.topk_probs, d.residual = C.encode_labels(ids, probs, resid, vocab)
+        record["residual"] = _residual_stats(resid)
+    d.metadata = {C.RESUME_KEY: json.dumps(record, separators=(",", ":")).encode()}
+    return d
+
+
+def _label_segment(cfg: MolConfig, unit: C.ResolvedUnit, segment: Segment, labeller: _Labeller, tokenizer,
+                   writer_factory, bar) -> tuple[int, bool]:
+    """Label one segment from its first missing shard. Returns (tokens labelled, resumed?)."""
+    for p in unit.dir.glob(f"shard-{segment.index:05d}-*.parquet.tmp*"):  # a killed writer's leftovers
+        p.unlink(missing_ok=True)
+    part, last = _segment_progress(unit, segment.index)
+    if last is not None and last["end"]:
+        return 0, False
+    packer = SegmentPacker(unit.source, cfg.data, tokenizer, cfg.model.chat_template_kwargs, segment,
+                           C.effective_caps(unit.source, cfg), None if last is None else last["state"])
+    groups: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+    producer = threading.Thread(target=_produce, args=(packer, cfg.teacher.rows_per_shard, groups, stop),
+                                name="mol-packer", daemon=True)
+    producer.start()
+    writer = writer_factory()
+    labelled, bs = 0, cfg.teacher.batch_size
+    try:
+        while True:
+            g = groups.get()
+            if isinstance(g, BaseException):
+                raise g
+            labels = None
+            if unit.labelled:
+                labels = []
+                for b in range(0, len(g.seqs), bs):
+                    labels += labeller([s.input_ids for s in g.seqs[b:b + bs]])
+                labelled += sum(len(s.input_ids) for s in g.seqs)
+            writer.submit(unit.dir / C.shard_name(segment.index, part), _shard_data(g, unit, segment.index, part, labels, labeller.vocab))
+            bar(sum(len(s.input_ids) for s in g.seqs))
+            part += 1
+            if g.end:
+                break
+        writer.close()
+    finally:
+        stop.set()
+        writer.close_quietly()
+        producer.join()
+    return labelled, last is not None
+
+
+def _plan(cfg: MolConfig, rk: C.ResolvedKey) -> list[tuple[int, Segment]]:
+    """Every (unit index, segment) of the config, in order: item j belongs to worker j % N."""
+    items = []
+    for i, u in enumerate(rk.units):
+        caps = C.effective_caps(u.source, cfg)
+        with _input_errors():
+            segs = plan_segments(u.source, cfg.data.segment_bytes, any(v is not None for v in caps.values()))
+        items += [(i, s) for s in segs]
+    return items
+
+
+def _reuse_unit(u: C.ResolvedUnit) -> C.CacheUnit:
+    """A complete unit (built here or copied from elsewhere) is used only once its checks pass."""
+    unit = C.CacheUnit(u.dir, u.fingerprint)
+    for name in ("model_fingerprint", "tokenizer_fingerprint", "top_k"):
+        if unit.manifest["key"][name] != u.key[name]:
+            raise C.CacheError(f"unit {u.dir}: {name} {str(unit.manifest['key'][name])[:12]} != this run's "
+                               f"{str(u.key[name])[:12]}; it was built by another model or tokenizer: remove it")
+    problems = unit.verify()
+    if problems:
+        raise C.CacheError(f"unit {u.dir} failed verification; remove it to rebuild it:\n  " + "\n  ".join(problems))
+    return unit
 
 
 def run_teacher_pass(cfg: MolConfig, make_bar: Optional[MakeBar] = None) -> tuple[Path, str]:
-    """Build (or resume, or reuse) the cache for `cfg`. Returns (cache_dir, status) with status in
-    {"built", "resumed", "up-to-date", "worker-done"}.
+    """Build (or resume, or reuse) every cache unit of `cfg`, then its set manifest. Returns
+    (set folder, status) with status in {"built", "resumed", "reused", "up-to-date", "worker-done"}:
+    "reused" when every unit already existed (nothing labelled).
 
-    With teacher.num_workers = N > 1 this process writes only the shards i with i % N ==
-    teacher.worker_index (disjoint across workers, each under its own lock), and returns
-    "worker-done" without a manifest: `finalize_cache` checks that every shard exists and writes it.
-    Shard boundaries and batches do not depend on N, so the shards are those a single worker writes.
+    With teacher.num_workers = N > 1 this process labels only the (unit, segment) items j with
+    j % N == teacher.worker_index and returns "worker-done"; `finalize_cache` checks that every
+    segment is complete and writes the manifests. Segments and shards do not depend on N.
     """
     make_bar = make_bar or (lambda total, desc: (lambda n: None))
     t0 = time.time()
     device = pick_device(cfg.model.device)
     rk, tokenizer, vocab = _prepare(cfg)
-    k = cfg.teacher.top_k
     n_workers, me = cfg.teacher.num_workers, cfg.teacher.worker_index
-    cache_dir = rk.cache_dir
-    if (cache_dir / C.MANIFEST).is_file():
-        log.info("cache %s is complete for this config: nothing to do", cache_dir)
-        return cache_dir, "up-to-date"
+    if (rk.cache_dir / C.MANIFEST).is_file():
+        log.info("cache %s is complete for this config: nothing to do", rk.cache_dir)
+        return rk.cache_dir, "up-to-date"
+    sharded = n_workers > 1
+    labeller = _Labeller(cfg, rk.model_path, device, tokenizer.pad_token_id, vocab)
+    done = {i: (rk.units[i].dir / C.MANIFEST).is_file() for i in range(len(rk.units))}
+    items = [(i, s) for j, (i, s) in enumerate(_plan(cfg, rk)) if j % n_workers == me and not done[i]]
+    outcome = {i: {"status": "reused", "labelled_tokens": 0} for i in range(len(rk.units))}
+    for i in range(len(rk.units)):
+        if done[i]:
+            _reuse_unit(rk.units[i])
+            log.info("unit %s (%s/%s): reused", rk.units[i].name, rk.units[i].source.corpus, rk.units[i].source.subset)
+    # streaming: the token total is unknown until the end, so the bar counts tokens and their rate
+    bar = make_bar(None, "teacher pass" if not sharded else f"teacher pass, worker {me}/{n_workers}")
+    k = cfg.teacher.top_k
 
-    with cache_lock(cache_dir, None if n_workers == 1 else me):
-        with _input_errors():
-            seqs, reports = pack_corpora(cfg.data, tokenizer, cfg.model.chat_template_kwargs)
-        shards = list(_shard_rows(seqs, cfg.teacher.rows_per_shard))
-        mine = [sh for sh in shards if sh[0] % n_workers == me]
-        # a killed writer's leftovers (never visible under a final name); a worker of a sharded pass
-        # removes only its own, since the others may be writing theirs right now
-        if n_workers == 1:
-            stale = list(cache_dir.glob("*.tmp*"))
-        else:
-            stale = [p for idx, _, _ in mine for p in cache_dir.glob(C.SHARD_PATTERN.format(idx) + ".tmp*")]
-            stale += list(cache_dir.glob(_worker_stats_path(cache_dir, me).name + ".tmp*"))
-        for p in stale:
-            p.unlink(missing_ok=True)
-        model, label = _teacher_backend(cfg, rk.model_path, device, tokenizer.pad_token_id)
-        if model is not None:
-            vocab = max(vocab, model.get_output_embeddings().weight.shape[0])
-        if k >= vocab:
-            raise ConfigError([f"teacher.top_k = {k} must be < the model's vocabulary size {vocab}"])
-        schema = C.arrow_schema(k, vocab)
+    def writer():
+        return C.ShardWriter(k, labeller.vocab, cfg.teacher.zstd_level, cfg.teacher.writer_threads)
+
+    with cache_lock(rk.cache_dir, me if sharded else None, shared=sharded):
         if me == 0:
-            dump_config(cfg, cache_dir / "config.yaml")
-        existing = [i for i, _, _ in mine if (cache_dir / C.SHARD_PATTERN.format(i)).is_file()]
-        status = "resumed" if existing else "built"
-        if existing:
-            log.info("resuming: %d of %d shards already written", len(existing), len(mine))
-        if n_workers > 1:
-            log.info("worker %d of %d: %d of %d shards", me, n_workers, len(mine), len(shards))
-        total_tokens = sum(len(s.input_ids) for _, _, rows in mine for s in rows)
-        done_tokens = sum(len(s.input_ids) for i, _, rows in mine if i in existing for s in rows)
-        bar = make_bar(total_tokens, "teacher pass" if n_workers == 1 else f"teacher pass, worker {me}/{n_workers}")
-        bar(done_tokens)
-        t_fwd, fwd_tokens = 0.0, 0
-        for idx, start, rows in mine:
-            path = cache_dir / C.SHARD_PATTERN.format(idx)
-            if path.is_file():
+            dump_config(cfg, rk.cache_dir / "config.yaml")
+        for i, u in enumerate(rk.units):
+            mine = [s for j, s in items if j == i]
+            if not mine:
                 continue
-            out_rows: list[dict] = []
-            for b in range(0, len(rows), cfg.teacher.batch_size):
-                batch = rows[b:b + cfg.teacher.batch_size]
-                need = [s for s in batch if s.corpus == "general" or cfg.teacher.label_domain]
-                tb = time.time()
-                labels = iter(label([s.input_ids for s in need])) if need else iter(())
-                t_fwd += time.time() - tb
-                fwd_tokens += sum(len(s.input_ids) for s in need)
-                for j, s in enumerate(batch):
-                    row = {C.SEQ_ID: start + b + j, C.CORPUS: s.corpus, C.SUBSET: s.subset, C.SPLIT: s.split,
-                           C.INPUT_IDS: s.input_ids}
-                    if s.corpus == "general" or cfg.teacher.label_domain:
-                        ids, probs, resid = next(labels)
-                        row[C.TOPK_IDS], row[C.TOPK_PROBS], row[C.RESIDUAL] = C.encode_labels(ids, probs, resid, vocab)
-                    out_rows.append(row)
-                    bar(len(s.input_ids))
-            C.write_shard(path, C.rows_to_table(out_rows, schema), cfg.teacher.zstd_level)
-        stats = {"worker": me, "workers": n_workers, "forward_tokens": fwd_tokens, "forward_seconds": t_fwd,
-                 "seconds": time.time() - t0, "device": str(device), "host": platform.node()}
-        if n_workers > 1:
-            C.write_atomic(_worker_stats_path(cache_dir, me), (json.dumps(stats) + "\n").encode())
+            with cache_lock(u.dir, me if sharded else None, shared=sharded, what="unit"):
+                if (u.dir / C.MANIFEST).is_file():  # finished by another config's pass meanwhile
+                    continue
+                resumed, secs0, toks0, u0 = False, labeller.seconds, labeller.tokens, time.time()
+                for seg in mine:
+                    with _input_errors():
+                        n, r = _label_segment(cfg, u, seg, labeller, tokenizer, writer, bar)
+                    outcome[i]["labelled_tokens"] += n
+                    resumed |= r
+                outcome[i]["status"] = "resumed" if resumed else "built"
+                stats = {"worker": me, "workers": n_workers, "forward_tokens": labeller.tokens - toks0,
+                         "forward_seconds": labeller.seconds - secs0, "seconds": time.time() - u0,
+                         "device": str(device), "host": platform.node()}
+                if sharded:
+                    C.write_atomic(u.dir / f"worker-{me:04d}.json", (json.dumps(stats) + "\n").encode())
+                else:
+                    _finalize_unit(cfg, u, tokenizer, labeller, device, [stats])
+            log.info("unit %s (%s/%s): %s, %d tokens labelled", u.name, u.source.corpus, u.source.subset,
+                     outcome[i]["status"], outcome[i]["labelled_tokens"])
+        if sharded:
             log.info("worker %d of %d done; when every worker is, run the finalize step "
-                     "(python -m stages.teacher_cache CONFIG --finalize)", me, n_workers)
-            return cache_dir, "worker-done"
-        _finalize(cfg, rk, tokenizer, seqs, reports, shards, model, device, vocab, [stats], t0)
-    return cache_dir, status
+                     "(python -m stages.teacher_cache CONFIG teacher.num_workers=%d --finalize)", me, n_workers, n_workers)
+            return rk.cache_dir, "worker-done"
+        _write_set(cfg, rk, outcome, labeller, device, t0)
+    statuses = {o["status"] for o in outcome.values()}
+    status = "resumed" if "resumed" in statuses else "built" if "built" in statuses else "reused"
+    return rk.cache_dir, status
 
 
-def finalize_cache(cfg: MolConfig) -> tuple[Path, str]:
-    """After sharded workers: check every shard exists, then checksum, measure fidelity and write
-    the manifest (last). Returns (cache_dir, "finalized" | "up-to-date"); a CacheError names each
-    missing shard and the worker that owns it."""
-    t0 = time.time()
-    device = pick_device(cfg.model.device)
-    rk, tokenizer, vocab = _prepare(cfg)
-    cache_dir = rk.cache_dir
-    if (cache_dir / C.MANIFEST).is_file():
-        return cache_dir, "up-to-date"
-    with cache_lock(cache_dir):
-        with _input_errors():
-            seqs, reports = pack_corpora(cfg.data, tokenizer, cfg.model.chat_template_kwargs)
-        shards = list(_shard_rows(seqs, cfg.teacher.rows_per_shard))
-        n_workers = cfg.teacher.num_workers
-        missing = [i for i, _, _ in shards if not (cache_dir / C.SHARD_PATTERN.format(i)).is_file()]
-        if missing:
-            names = ", ".join(f"{C.SHARD_PATTERN.format(i)} (worker {i % n_workers})" for i in missing[:20])
-            raise C.CacheError(f"{cache_dir}: {len(missing)} of {len(shards)} shards missing, with "
-                               f"teacher.num_workers = {n_workers}: {names}"
-                               + (" ..." if len(missing) > 20 else "") + "; run those workers (they resume)")
-        for p in cache_dir.glob(C.MANIFEST + ".tmp*"):  # a killed finalize's
-            p.unlink(missing_ok=True)
-        stats = [json.loads(p.read_text()) for p in sorted(cache_dir.glob("worker-*.json"))]
-        model = None
-        if cfg.teacher.fidelity_sequences:
-            model = load_model(rk.model_path, cfg.model, device=device).eval()
-            vocab = max(vocab, model.get_output_embeddings().weight.shape[0])
-        _finalize(cfg, rk, tokenizer, seqs, reports, shards, model, device, vocab, stats, t0)
-    return cache_dir, "finalized"
+def _unit_shards(u: C.ResolvedUnit, segments: list[Segment], n_workers: int, first_item: int) -> list[tuple[int, int, dict]]:
+    """(segment, part, resume record) of every shard of a unit whose segments are all complete;
+    a CacheError names each incomplete segment and the worker that owns it."""
+    out, missing = [], []
+    for j, seg in enumerate(segments):
+        nxt, last = _segment_progress(u, seg.index)
+        if last is None or not last["end"]:
+            missing.append(f"{C.UNITS_DIR}/{u.name} segment {seg.index}: {nxt} part(s) written, not finished "
+                           f"(worker {(first_item + j) % n_workers})")
+            continue
+        out += [(seg.index, p, C.shard_resume(u.dir / C.shard_name(seg.index, p))) for p in range(nxt)]
+    if missing:
+        raise C.CacheError(f"{len(missing)} segment(s) unfinished with teacher.num_workers = {n_workers}: "
+                           + "; ".join(missing[:20]) + (" ..." if len(missing) > 20 else "")
+                           + "; run those workers (they resume)")
+    return out
 
 
-def _finalize(cfg, rk, tokenizer, seqs, reports, shards, model, device, vocab, stats: list[dict], t0: float) -> None:
-    """Every shard exists: checksum, gather statistics, measure fidelity, then write the manifest last."""
-    cache_dir = rk.cache_dir
-    shard_meta, resid_sample, resid_sum, resid_n = [], [], 0.0, 0
-    counts: dict = {}
-    for idx, start, rows in shards:
-        path = cache_dir / C.SHARD_PATTERN.format(idx)
-        t = pq.read_table(path, columns=[C.RESIDUAL])
-        r = t.column(C.RESIDUAL).combine_chunks().flatten().to_numpy()
-        resid_sum += float(r.astype(np.float64).sum())
-        resid_n += len(r)
-        resid_sample.append(_residual_sample(r, 512))
-        shard_meta.append({"file": path.name, "rows": len(rows), "tokens": sum(len(s.input_ids) for s in rows),
-                           "bytes": path.stat().st_size, "sha256": C.sha256_path(path),
-                           "seq_id_range": [start, start + len(rows) - 1]})
-        for s in rows:
-            c = counts.setdefault(f"{s.corpus}/{s.subset}/{s.split}", {"sequences": 0, "tokens": 0})
-            c["sequences"] += 1
-            c["tokens"] += len(s.input_ids)
-    rs = np.concatenate(resid_sample) if resid_sample else np.zeros(1)
-    total_tokens = sum(len(s.input_ids) for s in seqs)
-    total_bytes = sum(s["bytes"] for s in shard_meta)
+def _finalize_unit(cfg: MolConfig, u: C.ResolvedUnit, tokenizer, labeller: "_Labeller", device,
+                   stats: list[dict], segments: list[Segment] | None = None, n_workers: int = 1,
+                   first_item: int = 0) -> None:
+    """Every segment of the unit is written: checksum, gather statistics, measure fidelity, write
+    the dataset card, then the manifest last."""
+    if segments is None:
+        caps = C.effective_caps(u.source, cfg)
+        segments = plan_segments(u.source, cfg.data.segment_bytes, any(v is not None for v in caps.values()))
+    shards = _unit_shards(u, segments, n_workers, first_item)
+    report = None
+    counts = {sp: {"sequences": 0, "tokens": 0} for sp in ("train", "val")}
+    resid = {"sum": 0.0, "n": 0, "below_floor": 0, "fp16_zero": 0, "fp16_subnormal": 0}
+    sample, meta = [], []
+    for seg, part, rec in shards:
+        path = u.dir / C.shard_name(seg, part)
+        for sp, (rows, toks) in rec["counts"].items():
+            counts[sp]["sequences"] += rows
+            counts[sp]["tokens"] += toks
+        if "residual" in rec:
+            for f in resid:
+                resid[f] += rec["residual"][f]
+            sample += rec["residual"]["sample"]
+        if rec["end"]:
+            seg_report = SourceReport(**rec["state"]["report"])
+            report = seg_report if report is None else report.merge(seg_report)
+        meta.append({"file": path.name, "segment": seg, "part": part, "rows": rec["rows"],
+                     "tokens": sum(c[1] for c in rec["counts"].values()), "bytes": path.stat().st_size,
+                     "sha256": C.sha256_path(path)})
+    report.sha256 = u.key["source"]["sha256"]
+    check_report(report, u.source)
+    total_tokens = counts["train"]["tokens"] + counts["val"]["tokens"]
+    total_bytes = sum(m["bytes"] for m in meta)
+    rs = np.array(sample if sample else [0.0])
     fwd_tokens = sum(s.get("forward_tokens", 0) for s in stats)
     fwd_seconds = sum(s.get("forward_seconds", 0.0) for s in stats)
     manifest = {
         "schema_version": C.SCHEMA_VERSION,
-        "fingerprint": rk.fingerprint,
-        "key": rk.key,
-        "model": {"name": cfg.model.name, "path": str(rk.model_path), "vocab_size": vocab},
+        "kind": "unit",
+        "fingerprint": u.fingerprint,
+        "key": u.key,
+        "model": {"name": cfg.model.name, "vocab_size": labeller.vocab},
         "tokenizer": {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
-        "sources": [r.__dict__ for r in reports],
+        "source": dataclasses.asdict(report),
+        "segments": len(segments),
         "counts": counts,
-        "totals": {"sequences": len(seqs), "tokens": total_tokens, "bytes": total_bytes,
+        "totals": {"sequences": sum(m["rows"] for m in meta), "tokens": total_tokens, "bytes": total_bytes,
                    "bytes_per_token": total_bytes / max(total_tokens, 1)},
-        "residual": {"mean": resid_sum / max(resid_n, 1), "median": float(np.median(rs)),
-                     "p90": float(np.quantile(rs, 0.9)), "p99": float(np.quantile(rs, 0.99)),
-                     "max_sampled": float(rs.max()), "positions": resid_n},
-        "shards": shard_meta,
-        "run": {"device": str(device), "dtype": str(next(model.parameters()).dtype) if model is not None else None,
+        "residual": ({"mean": resid["sum"] / max(resid["n"], 1), "median": float(np.median(rs)),
+                      "p90": float(np.quantile(rs, 0.9)), "p99": float(np.quantile(rs, 0.99)),
+                      "max_sampled": float(rs.max()), "positions": resid["n"], "below_1e-30": resid["below_floor"],
+                      "fp16_would_be_zero": resid["fp16_zero"], "fp16_would_be_subnormal": resid["fp16_subnormal"],
+                      "sample": [float(v) for v in rs[np.linspace(0, len(rs) - 1, min(256, len(rs))).astype(int)]]}
+                     if resid["n"] else {}),
+        "shards": meta,
+        "run": {"device": str(device), "dtype": str(next(labeller.model.parameters()).dtype) if labeller.model is not None else None,
                 "host": platform.node(), "torch": torch.__version__, "workers": len(stats) or 1,
                 # per worker process: the figure one process reaches, comparable across worker counts
                 "teacher_tokens_per_s": fwd_tokens / fwd_seconds if fwd_seconds else None,
-                "forward_tokens": fwd_tokens, "seconds": None},
+                "forward_tokens": fwd_tokens, "forward_seconds": fwd_seconds,
+                "seconds": sum(s.get("seconds", 0.0) for s in stats)},
     }
     # fidelity reads the shards; the manifest is written only after it, so "manifest exists" == complete
-    if cfg.teacher.fidelity_sequences and model is None:
-        log.info("fidelity not measured: the %s backend holds no transformers model (the finalize step of a "
-                 "sharded pass measures it with one)", cfg.teacher.backend)
-    if cfg.teacher.fidelity_sequences and model is not None:
-        view = C.TeacherCache.__new__(C.TeacherCache)
-        view.path, view.manifest = cache_dir, manifest
-        manifest["fidelity"] = measure_fidelity(model, view, cfg.teacher.fidelity_sequences,
-                                                cfg.teacher.chunk_positions, device)
-    manifest["run"]["seconds"] = time.time() - t0
-    C.write_manifest(cache_dir, manifest)
-    log.info("cache %s complete: %d sequences, %d tokens, %.1f bytes/token", cache_dir,
-             len(seqs), total_tokens, manifest["totals"]["bytes_per_token"])
+    if cfg.teacher.fidelity_sequences and u.labelled and counts["train"]["sequences"]:
+        model = labeller.model
+        if model is None and cfg.teacher.backend == "transformers":
+            model = load_model(labeller.model_path, cfg.model, device=device).eval()
+            labeller.model = model
+        if model is None:
+            log.info("fidelity not measured: the %s backend holds no transformers model (the finalize step of a "
+                     "sharded pass measures it with one)", cfg.teacher.backend)
+        else:
+            manifest["fidelity"] = measure_fidelity(model, C.CacheUnit.from_manifest(u.dir, manifest),
+                                                    cfg.teacher.fidelity_sequences, cfg.teacher.chunk_positions, device)
+    C.write_card(u.dir, manifest)
+    C.write_manifest(u.dir, manifest)
+    for p in u.dir.glob("worker-*.json"):
+        p.unlink(missing_ok=True)
+    log.info("unit %s complete: %d sequences, %d tokens, %.1f bytes/token", u.name,
+             manifest["totals"]["sequences"], total_tokens, manifest["totals"]["bytes_per_token"])
+
+
+def _weighted(units: list[dict], section: str, field: str, weight: str) -> float | None:
+    pairs = [(u[section][field], u[section][weight]) for u in units if u.get(section) and field in u[section]]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else None
+
+
+def _write_set(cfg: MolConfig, rk: C.ResolvedKey, outcome: dict, labeller: "_Labeller", device, t0: float) -> None:
+    """Every unit is complete: write the set manifest that names them (last)."""
+    units = [C.CacheUnit(u.dir, u.fingerprint).manifest for u in rk.units]
+    counts, totals = {}, {"sequences": 0, "tokens": 0, "bytes": 0}
+    for u, m in zip(rk.units, units):
+        for sp, c in m["counts"].items():
+            counts[f"{u.source.corpus}/{u.source.subset}/{sp}"] = dict(c)
+        for f in totals:
+            totals[f] += m["totals"][f]
+    if not any(m["counts"]["train"]["sequences"] for m in units):
+        raise CorpusError("the corpora gave no training sequences")
+    totals["bytes_per_token"] = totals["bytes"] / max(totals["tokens"], 1)
+    labelled = [m for m in units if m["residual"]]
+    sample = np.array([v for m in labelled for v in m["residual"]["sample"]] or [0.0])
+    residual = {"mean": _weighted(labelled, "residual", "mean", "positions") or 0.0,
+                "median": float(np.median(sample)), "p90": float(np.quantile(sample, 0.9)),
+                "p99": float(np.quantile(sample, 0.99)), "max_sampled": float(sample.max()),
+                "positions": sum(m["residual"]["positions"] for m in labelled)}
+    for f in ("below_1e-30", "fp16_would_be_zero", "fp16_would_be_subnormal"):
+        residual[f] = sum(m["residual"][f] for m in labelled)
+    measured = [m for m in units if m.get("fidelity")]
+    fidelity = {}
+    if measured:
+        fidelity = {"probe": measured[0]["fidelity"]["probe"],
+                    "sequences": sum(m["fidelity"]["sequences"] for m in measured),
+                    "positions": sum(m["fidelity"]["positions"] for m in measured),
+                    "kl_quantisation_max_abs": max(m["fidelity"]["kl_quantisation_max_abs"] for m in measured)}
+        for f in ("topk_ids_exact_match", "kl_quantisation_mean_abs", "kl_truncation_mean_abs", "kl_dense_mean"):
+            fidelity[f] = _weighted(measured, "fidelity", f, "positions")
+    fwd_tokens = sum(m["run"]["forward_tokens"] for m in units)
+    fwd_seconds = sum(m["run"]["forward_seconds"] for m in units)
+    manifest = {
+        "schema_version": C.SCHEMA_VERSION,
+        "kind": "set",
+        "fingerprint": rk.fingerprint,
+        "key": rk.key,
+        "model": {"name": cfg.model.name, "path": str(rk.model_path),
+                  "vocab_size": max(m["model"]["vocab_size"] for m in units)},
+        "tokenizer": units[0]["tokenizer"],
+        "units": [{"dir": f"{C.UNITS_DIR}/{u.name}", "fingerprint": u.fingerprint, "corpus": u.source.corpus,
+                   "subset": u.source.subset, "sequences": m["totals"]["sequences"], "tokens": m["totals"]["tokens"],
+                   "bytes": m["totals"]["bytes"], "this_pass": outcome[i]}
+                  for i, (u, m) in enumerate(zip(rk.units, units))],
+        "counts": counts,
+        "totals": totals,
+        "residual": residual,
+        "run": {"device": str(device), "workers": max(m["run"]["workers"] for m in units),
+                "teacher_tokens_per_s": fwd_tokens / fwd_seconds if fwd_seconds else None,
+                "forward_tokens": fwd_tokens, "seconds": sum(m["run"]["seconds"] for m in units),
+                "this_pass_seconds": time.time() - t0},
+    }
+    if fidelity:
+        manifest["fidelity"] = fidelity
+    C.write_manifest(rk.cache_dir, manifest)
+    log.info("cache %s complete: %d units, %d sequences, %d tokens, %.1f bytes/token", rk.cache_dir, len(units),
+             totals["sequences"], totals["tokens"], totals["bytes_per_token"])
+
+
+def finalize_cache(cfg: MolConfig) -> tuple[Path, str]:
+    """After sharded workers: check every segment of every unit is complete, then write each unit's
+    manifest (checksums, fidelity) and the set manifest, last. Returns (set folder, "finalized" |
+    "up-to-date"); a CacheError names each unfinished segment and the worker that owns it."""
+    t0 = time.time()
+    device = pick_device(cfg.model.device)
+    rk, tokenizer, vocab = _prepare(cfg)
+    if (rk.cache_dir / C.MANIFEST).is_file():
+        return rk.cache_dir, "up-to-date"
+    n_workers = cfg.teacher.num_workers
+    labeller = _Labeller(cfg, rk.model_path, device, tokenizer.pad_token_id, vocab)
+    plan = _plan(cfg, rk)
+    with cache_lock(rk.cache_dir):
+        pending = [u for u in rk.units if not (u.dir / C.MANIFEST).is_file()]
+        problems = []
+        for u in pending:  # every unit checked before any manifest is written
+            i = rk.units.index(u)
+            segs = [s for j, s in plan if j == i]
+            first = next(n for n, (j, _) in enumerate(plan) if j == i)
+            try:
+                _unit_shards(u, segs, n_workers, first)
+            except C.CacheError as e:
+                problems.append(str(e))
+        if problems:
+            raise C.CacheError(f"{rk.cache_dir}: not every segment is written:\n  " + "\n  ".join(problems))
+        outcome = {}
+        for i, u in enumerate(rk.units):
+            outcome[i] = {"status": "reused" if u not in pending else "built", "labelled_tokens": 0}
+            if u not in pending:
+                _reuse_unit(u)
+                continue
+            with cache_lock(u.dir, what="unit"):
+                for p in u.dir.glob(C.MANIFEST + ".tmp*"):  # a killed finalize's
+                    p.unlink(missing_ok=True)
+                stats = [json.loads(p.read_text()) for p in sorted(u.dir.glob("worker-*.json"))]
+                outcome[i]["labelled_tokens"] = sum(s["forward_tokens"] for s in stats)
+                segs = [s for j, s in plan if j == i]
+                first = next(n for n, (j, _) in enumerate(plan) if j == i)
+                if cfg.teacher.fidelity_sequences and u.labelled and labeller.model is None:
+                    labeller.model = load_model(rk.model_path, cfg.model, device=device).eval()
+                    labeller.vocab = max(labeller.vocab, labeller.model.get_output_embeddings().weight.shape[0])
+                _finalize_unit(cfg, u, tokenizer, labeller, device, stats, segs, n_workers, first)
+        _write_set(cfg, rk, outcome, labeller, device, t0)
+    return rk.cache_dir, "finalized"

@@ -1,19 +1,26 @@
-"""Inspect and verify a teacher cache.
+"""Inspect, verify and clean teacher caches.
 
-    python -m stages.cache_info data/default.yaml [key=value ...]   # the cache this config names
-    python -m stages.cache_info --path CACHE_DIR                     # any cache folder
-Exit status 1 when a checksum, size or row count does not match the manifest.
+    python -m stages.cache_info data/default.yaml [key=value ...]   # the cache this config names, verified
+    python -m stages.cache_info --path DIR                           # a set folder or one unit folder
+    python -m stages.cache_info --list [CONFIG | --root DIR]         # every unit under a cache_root
+    python -m stages.cache_info --gc CONFIG [CONFIG ...] [--yes]     # remove units none of them uses
+Exit status 1 when a checksum, size, schema or row count does not match a manifest; 2 for bad input.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
+import json
+import os
+import shutil
 import sys
+from pathlib import Path
 
 from tqdm import tqdm
 
-from mol.cache import CacheError, TeacherCache, resolve_cache_key
-from mol.config import ConfigError, load_config
+from mol.cache import MANIFEST, SETS_DIR, UNITS_DIR, CacheError, CacheUnit, TeacherCache, resolve_cache_key
+from mol.config import ConfigError, expand_path, load_config, mol_home
 from stages._cli import setup_logging
 
 
@@ -24,19 +31,110 @@ def describe(cache: TeacherCache) -> str:
         f"cache        {cache.path}",
         f"model        {m['model']['name']}  (fingerprint {key['model_fingerprint'][:12]}, vocab {m['model']['vocab_size']})",
         f"k            {key['top_k']}   label_domain={key['label_domain']}   max_seq_len={key['packing']['max_seq_len']}",
-        f"sequences    {t['sequences']}   tokens {t['tokens']}   shards {len(m['shards'])}",
+        f"sequences    {t['sequences']}   tokens {t['tokens']}   units {len(cache.units)}   shards {cache.shard_count}",
         f"bytes        {t['bytes']}   ({t['bytes_per_token']:.1f} bytes/token)",
-        f"residual r0  mean {r['mean']:.4f}  median {r['median']:.4f}  p90 {r['p90']:.4f}  p99 {r['p99']:.4f}",
     ]
+    if r.get("positions"):
+        lines.append(f"residual r0  mean {r['mean']:.4f}  median {r['median']:.4f}  p90 {r['p90']:.4f}  p99 {r['p99']:.4f}"
+                     f"  (below 1e-30: {r.get('below_1e-30', 0)} of {r['positions']}; fp16 would store "
+                     f"{r.get('fp16_would_be_zero', 0)} zeros, {r.get('fp16_would_be_subnormal', 0)} subnormals)")
     if m.get("run", {}).get("teacher_tokens_per_s"):
-        lines.append(f"teacher      {m['run']['teacher_tokens_per_s']:.0f} tokens/s on {m['run']['device']} ({m['run']['dtype']})")
+        lines.append(f"teacher      {m['run']['teacher_tokens_per_s']:.0f} tokens/s on {m['run']['device']}")
     f = m.get("fidelity") or {}
     if f:
         lines.append(f"fidelity     mean |KL_cached - KL_exact| = {f['kl_quantisation_mean_abs']:.2e} nats/token "
                      f"(max {f['kl_quantisation_max_abs']:.1e}); vs dense full-vocab KL {f['kl_truncation_mean_abs']:.2e} "
                      f"(dense KL {f['kl_dense_mean']:.3f}); {f['positions']} positions, probe: {f['probe']}")
     lines.append("counts       " + "  ".join(f"{k}={v['sequences']}" for k, v in sorted(m["counts"].items())))
+    for u in m["units"]:
+        p = u.get("this_pass") or {}
+        lines.append(f"unit         {u['dir']}  {u['corpus']}/{u['subset']}  {u['tokens']} tokens  "
+                     f"{u['bytes'] / max(u['tokens'], 1):.1f} B/token" + (f"  [{p['status']}, {p['labelled_tokens']} tokens labelled]"
+                                                                        if p else ""))
     return "\n".join(lines)
+
+
+def describe_unit(unit: CacheUnit) -> str:
+    m = unit.manifest
+    t, src = m["totals"], m["key"]["source"]
+    return "\n".join([
+        f"unit         {unit.path}",
+        f"source       {src['corpus']}/{src['subset']}  {m['source']['path']}  sha256 {src['sha256'][:12]}",
+        f"model        {m['model']['name']}  (fingerprint {m['key']['model_fingerprint'][:12]})  k {m['key']['top_k']}"
+        f"  labelled={m['key']['labelled']}",
+        f"sequences    {t['sequences']}   tokens {t['tokens']}   shards {len(m['shards'])}   segments {m.get('segments')}",
+        f"bytes        {t['bytes']}   ({t['bytes_per_token']:.1f} bytes/token)",
+    ])
+
+
+def _sets_using(root: Path) -> dict[str, list[str]]:
+    """unit folder name -> the set folders (configs' caches) that list it."""
+    users: dict[str, list[str]] = {}
+    for mf in sorted((root / SETS_DIR).glob(f"*/{MANIFEST}")):
+        try:
+            m = json.loads(mf.read_text())
+            for u in m.get("units", []):
+                users.setdefault(Path(u["dir"]).name, []).append(mf.parent.name)
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+    return users
+
+
+def inventory(root: Path) -> str:
+    users = _sets_using(root)
+    rows = [f"{'unit':58} {'source':28} {'tokens':>12} {'bytes':>14} {'B/token':>8}  used by"]
+    for d in sorted((root / UNITS_DIR).glob("*")):
+        if not d.is_dir():
+            continue
+        try:
+            m = CacheUnit(d).manifest
+            src = f"{m['key']['source']['corpus']}/{m['key']['source']['subset']}"
+            t = m["totals"]
+            rows.append(f"{d.name:58} {src:28} {t['tokens']:>12} {t['bytes']:>14} {t['bytes_per_token']:>8.1f}  "
+                        + (", ".join(users.get(d.name, [])) or "-"))
+        except CacheError:
+            size = sum(p.stat().st_size for p in d.glob("*") if p.is_file())
+            rows.append(f"{d.name:58} {'(incomplete)':28} {'?':>12} {size:>14} {'':>8}  " + (", ".join(users.get(d.name, [])) or "-"))
+    return "\n".join(rows)
+
+
+def _locked(folder: Path) -> bool:
+    lock = folder / ".lock"
+    if not lock.exists():
+        return False
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def garbage_collect(configs: list[str], yes: bool) -> int:
+    cfgs = [load_config(c) for c in configs]
+    roots = {expand_path(c.teacher.cache_root) for c in cfgs}
+    keep = set()
+    for c in cfgs:
+        rk = resolve_cache_key(c)
+        keep |= {u.dir.name for u in rk.units} | {rk.cache_dir.name}
+    freed = 0
+    for root in sorted(roots):
+        for kind in (UNITS_DIR, SETS_DIR):
+            for d in sorted((root / kind).glob("*")):
+                if not d.is_dir() or d.name in keep:
+                    continue
+                if _locked(d):
+                    print(f"skip   {d} (a teacher pass holds its lock)")
+                    continue
+                size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+                freed += size
+                print(f"{'remove' if yes else 'would remove'} {d}  ({size / 1e6:.1f} MB)")
+                if yes:
+                    shutil.rmtree(d)
+    print(f"{'freed' if yes else 'would free'} {freed / 1e6:.1f} MB" + ("" if yes else "; run again with --yes to remove"))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -44,26 +142,43 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", nargs="?", help="YAML config naming the cache")
     ap.add_argument("overrides", nargs="*")
-    ap.add_argument("--path", help="a cache folder (instead of a config)")
+    ap.add_argument("--path", help="a set folder or a unit folder (instead of a config)")
     ap.add_argument("--no-verify", action="store_true", help="skip the checksums")
+    ap.add_argument("--list", action="store_true", help="list every unit under the cache root")
+    ap.add_argument("--root", help="the cache root for --list (default: the config's, else $MOL_HOME/teacher)")
+    ap.add_argument("--gc", nargs="+", metavar="CONFIG", help="remove units none of these configs uses")
+    ap.add_argument("--yes", action="store_true", help="with --gc: really remove (default: dry run)")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        if args.gc:
+            return garbage_collect(args.gc + ([args.config] if args.config else []), args.yes)
+        if args.list:
+            root = (Path(args.root) if args.root else expand_path(load_config(args.config, args.overrides).teacher.cache_root)
+                    if args.config else mol_home() / "teacher")
+            print(inventory(root))
+            return 0
         if args.path:
-            path = args.path
+            path = Path(args.path)
         elif args.config:
             path = resolve_cache_key(load_config(args.config, args.overrides)).cache_dir
         else:
-            ap.error("give a CONFIG or --path")
-        cache = TeacherCache(path)
-        print(describe(cache))
+            ap.error("give a CONFIG, --path, --list or --gc")
+        if path.parent.name == UNITS_DIR:
+            cache = CacheUnit(path)
+            print(describe_unit(cache))
+            count = len(cache.manifest["shards"])
+        else:
+            cache = TeacherCache(path)
+            print(describe(cache))
+            count = cache.shard_count
         if not args.no_verify:
-            bar = tqdm(total=len(cache.manifest["shards"]), desc="verify", unit="shard")
+            bar = tqdm(total=count, desc="verify", unit="shard")
             problems = cache.verify(progress=bar.update)
             bar.close()
             if problems:
                 print("VERIFY FAILED:\n  " + "\n  ".join(problems))
                 return 1
-            print(f"verify       ok: {len(cache.manifest['shards'])} shards match their sha256 and row counts")
+            print(f"verify       ok: {count} shards match their sha256, schema and row counts")
     except (ConfigError, CacheError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
