@@ -146,7 +146,7 @@ class TeacherConfig:
     """Positions per output-projection chunk, so a [B, T, V] fp32 tensor is never held."""
     rows_per_shard: int = 64
     """Sequences per Parquet shard (the unit of resume)."""
-    zstd_level: int = 19
+    zstd_level: int = 6
     """zstd compression level of the shards (README: bytes/token against writer tokens/s per level)."""
     writer_threads: int = 2
     """Background threads that encode, compress and write shards while the teacher labels the next

@@ -220,11 +220,12 @@ def cache_lock(folder: Path, worker: int | None = None, shared: bool = False, wh
             os.close(fd)
 
 
-def _residual_stats(resid: np.ndarray, limit: int = 64) -> dict:
-    """One shard's exact residuals summarised for the manifest (fp16 counts: why schema 3)."""
-    r = resid.astype(np.float64)
+def _residual_stats(codes: np.ndarray, limit: int = 64) -> dict:
+    """One shard's residuals summarised for the manifest, from the stored codes (so the record is
+    as deterministic as the shard). The fp16 counts say what schema 2 would have lost."""
+    r = C.decode_residual(codes).astype(np.float64)
     pick = np.linspace(0, len(r) - 1, min(limit, len(r))).astype(np.int64) if len(r) else []
-    return {"sum": float(r.sum()), "n": int(len(r)), "below_floor": int((r < C.RESIDUAL_FLOOR).sum()),
+    return {"sum": float(r.sum()), "n": int(len(r)), "below_floor": int((codes == C.RESIDUAL_LEVELS).sum()),
             "fp16_zero": int((r.astype(np.float16) == 0).sum()),
             "fp16_subnormal": int(((r > 0) & (r < 2.0 ** -14)).sum()),
             "sample": [float(f"{v:.4g}") for v in r[pick]]}
@@ -341,7 +342,7 @@ def _shard_data(group: _Group, unit: C.ResolvedUnit, segment: int, part: int, la
         probs = np.concatenate([x[1] for x in labels]) if labels else np.zeros((0, unit.key["top_k"]), np.float32)
         resid = np.concatenate([x[2] for x in labels]) if labels else np.zeros(0, np.float32)
         d.topk_ids, d.topk_probs, d.residual = C.encode_labels(ids, probs, resid, vocab)
-        record["residual"] = _residual_stats(resid)
+        record["residual"] = _residual_stats(d.residual)
     d.metadata = {C.RESUME_KEY: json.dumps(record, separators=(",", ":")).encode()}
     return d
 

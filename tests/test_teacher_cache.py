@@ -69,12 +69,15 @@ def test_encode_decode_round_trip():
     ids = np.argsort(-p, axis=1)[:, :8]
     probs = np.take_along_axis(p, ids, 1)
     resid = 1 - probs.sum(1)
-    sid, codes, sres = C.encode_labels(ids, probs, resid, vocab_size=40)
-    assert sid.dtype == np.uint16 and codes.dtype == np.uint16 and sres.dtype == np.float16
+    gaps, codes, sres = C.encode_labels(ids, probs, resid, vocab_size=40)
+    assert gaps.dtype == np.uint16 and codes.dtype == np.uint16 and sres.dtype == np.uint16
+    sid = C.decode_ids(gaps)
+    assert np.array_equal(np.sort(ids, 1), sid)  # the same set, ascending
     assert (np.diff(sid.astype(np.int64), axis=1) > 0).all() and codes.min() >= 1 and codes.max() <= C.PROB_LEVELS
     back = np.take_along_axis(p, sid.astype(np.int64), 1)  # the same ids' exact probabilities
     _assert_sqrt_grid(C.decode_probs(codes), back)
-    assert C.encode_labels(ids + 70000, probs, resid, vocab_size=80000)[0].dtype == np.uint32
+    big = C.encode_labels(ids + 70000, probs, resid, vocab_size=80000)[0]
+    assert big.dtype == np.uint32 and np.array_equal(C.decode_ids(big), np.sort(ids, 1) + 70000)
 
 
 def test_cache_equals_direct_forward(built, tiny_model_dir):
@@ -92,24 +95,46 @@ def test_cache_equals_direct_forward(built, tiny_model_dir):
         assert np.array_equal(r[C.TOPK_IDS].astype(np.int64), ids)
         _assert_sqrt_grid(r[C.TOPK_PROBS], probs)
         exact_resid = 1 - top.values.exp().sum(-1).numpy()
-        np.testing.assert_allclose(r[C.RESIDUAL], exact_resid, rtol=1e-3, atol=1e-7)  # fp16
+        np.testing.assert_allclose(r[C.RESIDUAL], exact_resid, rtol=1e-3, atol=1e-7)  # log code: 5.3e-4 relative
+
+
+def _units(cache_dir):
+    return [u.path for u in C.TeacherCache(cache_dir).units]
+
+
+def _shards(cache_dir):
+    return [p for u in _units(cache_dir) for p in sorted(u.glob("shard-*.parquet"))]
+
+
+def test_residual_code_never_underflows():
+    """Schema 3: relative error <= 1e-3 for every r in [1e-30, 1]; nothing above 1e-30 decodes to 0."""
+    r = np.concatenate([np.logspace(-30, 0, 200_001), [1e-30, 1.0, 0.5, 1 - 1e-7]])
+    back = C.decode_residual(C.encode_residual(r)).astype(np.float64)
+    assert np.abs(back / r - 1).max() <= 1e-3
+    assert back.min() > 0
+    assert C.decode_residual(C.encode_residual(np.array([0.0, 1e-45, 1e-31])))[0] == np.float32(1e-30)
 
 
 def test_schema_and_plain_readers(built):
     _, cache_dir = built
-    shard = sorted(cache_dir.glob("shard-*.parquet"))[0]
+    shard = _shards(cache_dir)[0]
     t = pq.read_table(shard)
     assert t.schema.field(C.INPUT_IDS).type.value_type == "uint16"  # 49152-token vocab fits 16 bits
     assert str(t.schema.field(C.TOPK_PROBS).type.value_type.value_type) == "uint16"
-    assert str(t.schema.field(C.RESIDUAL).type.value_type) == "halffloat"
+    assert str(t.schema.field(C.RESIDUAL).type.value_type) == "uint16"
     assert pq.ParquetFile(shard).metadata.row_group(0).column(0).compression == "ZSTD"
     from datasets import load_dataset
 
-    ds = load_dataset("parquet", data_files=[str(p) for p in sorted(cache_dir.glob("shard-*.parquet"))], split="train")
-    row = ds[0]
-    assert len(row[C.TOPK_IDS]) == len(row[C.INPUT_IDS]) - 1 and len(row[C.TOPK_IDS][0]) == 5
     m = json.loads((cache_dir / "manifest.json").read_text())
-    assert m["totals"]["sequences"] == ds.num_rows
+    rows = 0
+    for unit in _units(cache_dir):
+        ds = load_dataset(str(unit), split="train")  # the unit folder is a Hugging Face dataset (card + shards)
+        row = ds[0]
+        assert len(row[C.TOPK_IDS]) == len(row[C.INPUT_IDS]) - 1 and len(row[C.TOPK_IDS][0]) == 5
+        assert ds.features[C.RESIDUAL].feature.dtype == "uint16"
+        assert "model fingerprint" in (unit / "README.md").read_text()
+        rows += ds.num_rows
+    assert m["totals"]["sequences"] == rows
     assert m["fidelity"]["kl_quantisation_mean_abs"] < 1e-3
     assert (cache_dir / "config.yaml").is_file()
 
@@ -127,23 +152,42 @@ def test_rerun_is_a_no_op_and_changes_make_a_new_cache(built, tiny_model_dir, co
 
 def test_deterministic_and_resumes_after_partial_run(built, tiny_model_dir, corpora, tmp_path):
     cfg, cache_dir = built
-    manifest = json.loads((cache_dir / "manifest.json").read_text())
-    assert len(manifest["shards"]) >= 3
-    # simulate a run killed after two shards: no manifest, later shards missing, a temp file left over
+    gen = _units(cache_dir)[1]
+    unit = json.loads((gen / "manifest.json").read_text())
+    assert len(unit["shards"]) >= 3
+    # simulate a run killed after two shards of the general unit: no manifests, later shards missing,
+    # a temp file left over
     (cache_dir / "manifest.json").unlink()
-    for s in manifest["shards"][2:]:
-        (cache_dir / s["file"]).unlink()
-    (cache_dir / "shard-00002.parquet.tmp999").write_bytes(b"half a shard")
+    (gen / "manifest.json").unlink()
+    for s in unit["shards"][2:]:
+        (gen / s["file"]).unlink()
+    (gen / (unit["shards"][2]["file"] + ".tmp999")).write_bytes(b"half a shard")
     _, status = run_teacher_pass(cfg)
     assert status == "resumed"
-    resumed = json.loads((cache_dir / "manifest.json").read_text())
-    assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in manifest["shards"]]
-    assert not list(cache_dir.glob("*.tmp*"))
+    resumed = json.loads((gen / "manifest.json").read_text())
+    assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in unit["shards"]]
+    assert not list(gen.glob("*.tmp*"))
     # a fresh build elsewhere gives byte-identical shards
     fresh_cfg = load_config(data=tiny_config(tiny_model_dir, corpora, tmp_path / "fresh"))
     fresh_dir, _ = run_teacher_pass(fresh_cfg)
-    fresh = json.loads((fresh_dir / "manifest.json").read_text())
-    assert [s["sha256"] for s in fresh["shards"]] == [s["sha256"] for s in manifest["shards"]]
+    assert [C.sha256_path(p) for p in _shards(fresh_dir)] == [C.sha256_path(p) for p in _shards(cache_dir)]
+
+
+def test_a_foreign_shard_is_refused_on_resume(built):
+    """A valid shard of another segment placed under a missing shard's name is not trusted."""
+    cfg, cache_dir = built
+    gen = _units(cache_dir)[1]
+    unit = json.loads((gen / "manifest.json").read_text())
+    (cache_dir / "manifest.json").unlink()
+    (gen / "manifest.json").unlink()
+    last = gen / unit["shards"][-1]["file"]
+    last.unlink()
+    (gen / unit["shards"][0]["file"]).rename(gen / unit["shards"][0]["file"].replace("-00000.", "-00009."))
+    import shutil
+
+    shutil.copy(gen / unit["shards"][1]["file"], gen / unit["shards"][0]["file"])
+    with pytest.raises(C.CacheError, match="not a shard this pass wrote"):
+        run_teacher_pass(cfg)
 
 
 def test_second_writer_is_refused(built):
@@ -156,7 +200,7 @@ def test_second_writer_is_refused(built):
 
 def test_verify_names_the_bad_shard(built):
     _, cache_dir = built
-    shards = sorted(cache_dir.glob("shard-*.parquet"))
+    shards = _shards(cache_dir)
     data = bytearray(shards[1].read_bytes())
     data[len(data) // 2] ^= 0xFF
     shards[1].write_bytes(bytes(data))
@@ -208,36 +252,96 @@ def test_real_smollm2_cache_matches_forward(real_model_dir, corpora, tmp_path):
 
 
 def test_two_workers_equal_one(tiny_model_dir, corpora, tmp_path):
-    """Sharded Stage 1: two worker processes in parallel, then finalize, give the single-worker cache."""
+    """Sharded Stage 1: two worker processes in parallel, then finalize, give the single-worker cache.
+    Small segments, so each source is split between the workers."""
     import os
     import subprocess
     import sys
 
     import yaml
 
-    single_cfg = load_config(data=tiny_config(tiny_model_dir, corpora, tmp_path / "one"))
+    over = {"data": {"segment_bytes": 1024}}
+    single_cfg = load_config(data=tiny_config(tiny_model_dir, corpora, tmp_path / "one", **over))
     one_dir, _ = run_teacher_pass(single_cfg)
-    data = tiny_config(tiny_model_dir, corpora, tmp_path / "two")
+    data = tiny_config(tiny_model_dir, corpora, tmp_path / "two", **over)
     config = tmp_path / "two.yaml"
     config.write_text(yaml.safe_dump(data))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd()] + sys.path), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "stages.teacher_cache", str(config), "teacher.num_workers=2"]
-    # finalize before the workers ran: refused, naming the missing shards and their workers
+    # finalize before the workers ran: refused, naming the unfinished segments and their workers
     r = subprocess.run(cmd + ["--finalize"], env=env, capture_output=True, text=True)
-    assert r.returncode == 2 and "shard-00000.parquet (worker 0)" in r.stderr and "(worker 1)" in r.stderr
+    assert r.returncode == 2 and "segment 0: 0 part(s) written, not finished (worker 0)" in r.stderr, r.stderr
+    assert "(worker 1)" in r.stderr
     workers = [subprocess.Popen(cmd + [f"teacher.worker_index={i}"], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outs = [w.communicate(timeout=300)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), outs
     assert all("done" in o for o in outs)
-    cache_dir = tmp_path / "two" / one_dir.name  # same fingerprint: the worker count is not part of the key
+    cache_dir = tmp_path / "two" / "sets" / one_dir.name  # same fingerprint: the worker count is not part of the key
     assert not (cache_dir / C.MANIFEST).exists()
     r = subprocess.run(cmd + ["--finalize"], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     one, two = C.TeacherCache(one_dir), C.TeacherCache(cache_dir)
     assert two.verify() == []
-    assert [s["sha256"] for s in two.manifest["shards"]] == [s["sha256"] for s in one.manifest["shards"]]
-    assert len(two.manifest["shards"]) >= 3  # both workers wrote some
-    assert two.manifest["run"]["workers"] == 2 and two.manifest["fingerprint"] == one.manifest["fingerprint"]
-    for key in ("counts", "totals", "residual", "key"):
+    for a, b in zip(one.units, two.units):
+        assert [s["sha256"] for s in b.manifest["shards"]] == [s["sha256"] for s in a.manifest["shards"]]
+        assert b.manifest["segments"] > 1 and b.manifest["run"]["workers"] == 2
+        for key in ("counts", "totals", "source", "key"):
+            assert b.manifest[key] == a.manifest[key], key
+    assert two.manifest["fingerprint"] == one.manifest["fingerprint"]
+    for key in ("counts", "totals", "key"):
         assert two.manifest[key] == one.manifest[key], key
+
+
+def test_units_are_shared_between_configs(tiny_model_dir, corpora, tmp_path):
+    """Config A (domain X + general G), then config B (domain Y + general G): B labels no token of
+    G and says so; dropping a source from a config leaves every unit as it was."""
+    from conftest import write_jsonl
+
+    other = write_jsonl(tmp_path / "other.jsonl", [{"text": f"Dosage note {i}: take with food."} for i in range(40)])
+    root = tmp_path / "shared"
+    a = tiny_config(tiny_model_dir, corpora, root)
+    b = tiny_config(tiny_model_dir, {"med": other, "gen": corpora["gen"]}, root)
+    b["data"]["sources"][0]["subset"] = "notes"
+    a_dir, status = run_teacher_pass(load_config(data=a))
+    assert status == "built"
+    before = {p: p.stat().st_mtime_ns for p in (root / "units").rglob("*") if p.is_file()}
+    b_dir, status = run_teacher_pass(load_config(data=b))
+    assert status == "built" and b_dir != a_dir
+    m = C.TeacherCache(b_dir).manifest
+    gen = next(u for u in m["units"] if u["corpus"] == "general")
+    assert gen["this_pass"] == {"status": "reused", "labelled_tokens": 0}
+    assert gen["dir"] == C.TeacherCache(a_dir).manifest["units"][1]["dir"]
+    notes = next(u for u in m["units"] if u["corpus"] == "domain")
+    assert notes["this_pass"]["status"] == "built" and notes["this_pass"]["labelled_tokens"] > 0
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items()), "B rewrote a unit of A"
+    # only the general source: a new set, no new unit, nothing rewritten
+    g_only = tiny_config(tiny_model_dir, corpora, root)
+    g_only["data"]["sources"] = g_only["data"]["sources"][1:]
+    n_units = len(list((root / "units").iterdir()))
+    g_dir, status = run_teacher_pass(load_config(data=g_only))
+    assert status == "reused" and len(list((root / "units").iterdir())) == n_units
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+    assert C.TeacherCache(g_dir).verify() == []
+
+
+def test_a_copied_unit_is_used_after_its_checks_and_refused_for_another_model(built, tiny_model_dir, corpora, tmp_path):
+    import shutil
+
+    cfg, cache_dir = built
+    gen = _units(cache_dir)[1]
+    # a second machine already has the general unit (copied, e.g. downloaded from the Hub)
+    root = tmp_path / "elsewhere"
+    shutil.copytree(gen, root / "units" / gen.name)
+    d, status = run_teacher_pass(load_config(data=tiny_config(tiny_model_dir, corpora, root)))
+    m = C.TeacherCache(d).manifest
+    assert [u["this_pass"]["status"] for u in m["units"]] == ["built", "reused"]
+    # the same unit edited to claim another model: refused, not used
+    root2 = tmp_path / "tampered"
+    shutil.copytree(gen, root2 / "units" / gen.name)
+    mf = root2 / "units" / gen.name / "manifest.json"
+    um = json.loads(mf.read_text())
+    um["key"]["model_fingerprint"] = "0" * 64
+    mf.write_text(json.dumps(um))
+    with pytest.raises(C.CacheError, match="model_fingerprint 000000000000 != this run's"):
+        run_teacher_pass(load_config(data=tiny_config(tiny_model_dir, corpora, root2)))
