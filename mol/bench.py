@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gc
+import json
 import logging
 import math
 import multiprocessing
@@ -24,6 +25,7 @@ import resource
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections import defaultdict
@@ -78,6 +80,14 @@ class BenchSizes:
     memory_fraction: float = 0.55
     """A naive-loss child runs only when its predicted peak is below this share of MemAvailable."""
     parallel_children: int = 1
+    pipeline_tokens: int = 2_000_000
+    """Tokens of the synthetic corpus the whole Stage 1 runs over with a stub teacher."""
+    rss_tokens: int = 500_000
+    """Stage 1 peak memory: the stub pass over this many tokens and over 10x as many."""
+    pipeline_seq_len: int = 2048
+    pipeline_rows_per_shard: int = 64
+    zstd_levels: tuple = (1, 3, 5, 6, 7, 9, 12, 19)
+    """Levels of the zstd table (the config's own level is added when missing)."""
     threads: Optional[int] = None
     """torch threads in the children (run_all sets it to the parent's)."""
     quick: bool = False
@@ -88,7 +98,7 @@ FULL = BenchSizes()
 QUICK = BenchSizes(reps=2, warmup=1, scale_reps=1, storage_sequences=2, loss_tokens=32, loss_vocab=8192,
                    loss_hidden=64, loss_seq_len=32, scale_seq_lens=(32, 64), scale_batch=1, scale_seq_vocab=4096,
                    scale_vocabs=(4096, 8192), scale_vocab_seq_len=32, step_seq_lens=(16, 32),
-                   parallel_children=2, quick=True)
+                   parallel_children=2, pipeline_tokens=20_000, rss_tokens=3_000, quick=True)
 
 
 def quick_config(cfg: MolConfig, cache_root: Path) -> MolConfig:
@@ -192,13 +202,16 @@ def measure_peak(work: Callable[[], Any]) -> dict:
     reset = _reset_peak()
     before = _rss_bytes()
     t0 = time.perf_counter()
-    work()
+    result = work()
     seconds = time.perf_counter() - t0
     ru = _maxrss_bytes()
     hwm = _status_bytes("VmHWM")
     peak = hwm if reset and hwm is not None else ru
-    return {"peak_bytes": max(peak - before, 0), "rss_before_bytes": before, "high_water_bytes": peak,
-            "ru_maxrss_bytes": ru, "peak_reset": reset, "seconds": seconds}
+    out = {"peak_bytes": max(peak - before, 0), "rss_before_bytes": before, "high_water_bytes": peak,
+           "ru_maxrss_bytes": ru, "peak_reset": reset, "seconds": seconds}
+    if result is not None:  # what the work reports about itself (a JSON-able dict)
+        out["result"] = result
+    return out
 
 
 def _child_entry(spec: dict, conn) -> None:
@@ -499,7 +512,8 @@ def long_rows(seqs: C.Sequences, length: int, n: int) -> list[dict]:
     """Rows of `length` tokens cut from the concatenated general rows (for lengths beyond the cache's).
 
     The teacher labels are the concatenated positions, so they are off by one position at row
-    seams: irrelevant for timing, which is all these rows are for.
+    seams: irrelevant for timing, which is all these rows are for. Sequences hold the ids decoded
+    and the probabilities and residual as stored codes: decoded here, as Sequences.row does.
     """
     gen = [i for i in range(len(seqs)) if seqs.corpus[i] == "general" and seqs.has_teacher[i]]
     a0, p0 = seqs.tok_off[gen[0]], seqs.pos_off[gen[0]]
@@ -512,7 +526,7 @@ def long_rows(seqs: C.Sequences, length: int, n: int) -> list[dict]:
         out.append({C.SEQ_ID: j, C.CORPUS: "general", C.SUBSET: "bench", C.INPUT_IDS: seqs.input_ids[a:a + length],
                     C.TOPK_IDS: seqs.teacher_topk_ids[p:p + length - 1],
                     C.TOPK_PROBS: C.decode_probs(seqs.teacher_topk_probs[p:p + length - 1]),
-                    C.RESIDUAL: seqs.teacher_residual[p:p + length - 1].astype(np.float32)})
+                    C.RESIDUAL: C.decode_residual(seqs.teacher_residual[p:p + length - 1])})
     return out
 
 
@@ -544,31 +558,53 @@ def _stage2_child(config: dict, model_path: str, cache_dir: str, n_rows: int, mo
     return run
 
 
-_CHILD_SETUPS: dict[str, Callable[..., Callable[[], Any]]] = {"loss": _loss_child, "stage2": _stage2_child}
-
-
 # --------------------------------------------------------------------------- Stage 1 (real model)
 
 
-def cache_table(rows: list[dict], labels: list[tuple], k: int, vocab: int):
-    """Cache rows + exact labels (ids, probs, residual) -> the Arrow table Stage 1 would write for them."""
-    out = []
-    for r, (ids, probs, resid) in zip(rows, labels):
-        sid, codes, sres = C.encode_labels(ids, probs, resid, vocab)
-        out.append({**{c: r[c] for c in (C.SEQ_ID, C.CORPUS, C.SUBSET, C.INPUT_IDS)}, C.SPLIT: "train",
-                    C.TOPK_IDS: sid, C.TOPK_PROBS: codes, C.RESIDUAL: sres})
-    return C.rows_to_table(out, C.arrow_schema(k, vocab))
+def shard_data(rows: list[dict], labels: Optional[list[tuple]], vocab: int, *, subset: Optional[str] = None,
+               record: Optional[dict] = None) -> C.ShardData:
+    """Cache rows + exact labels (ids, probs, residual per row, as the teacher gives them) -> the
+    ShardData Stage 1 builds for them: C.encode_labels's codes, and, given a resume `record`, the
+    residual summary and the Parquet metadata the pass writes with each shard."""
+    tok_off = np.zeros(len(rows) + 1, dtype=np.int64)
+    tok_off[1:] = np.cumsum([len(r[C.INPUT_IDS]) for r in rows])
+    d = C.ShardData(seq_id=np.array([r[C.SEQ_ID] for r in rows], dtype=np.int64), corpus=rows[0][C.CORPUS],
+                    subset=subset or rows[0][C.SUBSET], split=["train"] * len(rows),
+                    input_ids=np.concatenate([np.asarray(r[C.INPUT_IDS]) for r in rows]), tok_off=tok_off)
+    if labels is not None:
+        d.topk_ids, d.topk_probs, d.residual = C.encode_labels(np.concatenate([x[0] for x in labels]),
+                                                               np.concatenate([x[1] for x in labels]),
+                                                               np.concatenate([x[2] for x in labels]), vocab)
+    if record is not None:
+        from .teacher import _residual_stats
+
+        if labels is not None:
+            record = {**record, "residual": _residual_stats(d.residual)}
+        d.metadata = {C.RESUME_KEY: json.dumps(record, separators=(",", ":")).encode()}
+    return d
+
+
+def write_table(d: C.ShardData, path: Path, k: int, vocab: int, zstd_level: int) -> None:
+    """What a writer thread does with one shard: build the Arrow table, then compress, write, fsync, rename."""
+    C.write_shard(path, C.shard_table(d, k, vocab), zstd_level)
 
 
 def bench_stage1(model, tokenizer, rows: list[dict], k: int, chunk: int, zstd_level: int, vocab: int,
-                 workdir: Path, sz: BenchSizes) -> dict:
-    """Stage 1's per-batch work (teacher_labels, then the shard write) against a bare forward pass."""
+                 workdir: Path, sz: BenchSizes, writer_threads: int = 2) -> dict:
+    """Stage 1's per-shard work against a bare forward pass of the same batch.
+
+    Stage 1 side, as the pass runs it: teacher_labels, then C.encode_labels + C.ShardData (+ the
+    resume record) on the main thread, then the shard handed to a C.ShardWriter that builds the
+    table, compresses and writes it on its own threads while the next batch is labelled. The
+    write itself is also timed alone (same data, one thread) to show what it would add in series.
+    """
     from .teacher import teacher_labels
 
     device = next(model.parameters()).device
-    seqs = [r[C.INPUT_IDS].tolist() for r in rows]
-    x = torch.tensor(seqs, device=device)
-    shard = workdir / "stage1-shard.parquet"
+    seqs = [np.asarray(r[C.INPUT_IDS]) for r in rows]
+    x = torch.as_tensor(np.stack(seqs).astype(np.int64), device=device)
+    writer = C.ShardWriter(k, vocab, zstd_level, writer_threads)
+    part, last = [0], {}
 
     @torch.no_grad()
     def bare():
@@ -578,15 +614,390 @@ def bench_stage1(model, tokenizer, rows: list[dict], k: int, chunk: int, zstd_le
         t0 = time.perf_counter()
         labels = teacher_labels(model, seqs, k, chunk, tokenizer.pad_token_id, device)
         t1 = time.perf_counter()
-        C.write_shard(shard, cache_table(rows, labels, k, vocab), zstd_level)
-        return {"labels": t1 - t0, "write": time.perf_counter() - t1}
+        d = shard_data(rows, labels, vocab, record={"unit": "bench", "segment": 0, "part": part[0],
+                                                    "rows": len(rows), "end": False})
+        t2 = time.perf_counter()
+        writer.submit(workdir / C.shard_name(0, part[0]), d)
+        part[0] += 1
+        last["data"] = d
+        return {"labels": t1 - t0, "encode": t2 - t1, "submit": time.perf_counter() - t2}
 
-    t = interleaved({"bare": bare, "stage1": stage1}, sz.reps, sz.warmup)
+    try:
+        t = interleaved({"bare": bare, "stage1": stage1}, sz.reps, sz.warmup)
+        writer.close()
+    finally:
+        writer.close_quietly()
+    write_s = []
+    for i in range(max(sz.reps, 3)):
+        path = workdir / f"stage1-write-{i}.parquet"
+        t0 = time.perf_counter()
+        write_table(last["data"], path, k, vocab, zstd_level)
+        write_s.append(time.perf_counter() - t0)
+    for p in list(workdir.glob("shard-00000-*.parquet")) + list(workdir.glob("stage1-write-*.parquet")):
+        p.unlink()
     tokens = int(x.numel())
-    return {"batch": x.shape[0], "seq_len": x.shape[1], "tokens": tokens, "times": t,
-            "bare_tokens_per_s": tokens / med(t["bare"]), "stage1_tokens_per_s": tokens / med(t["stage1"]),
-            "labels_tokens_per_s": tokens / med(t["stage1/labels"]),
-            "ratio": med(t["bare"]) / med(t["stage1"]), "ratio_labels_only": med(t["bare"]) / med(t["stage1/labels"])}
+    out = {"batch": x.shape[0], "seq_len": x.shape[1], "tokens": tokens, "times": t, "write_s": write_s,
+           "writer_threads": writer_threads, "zstd_level": zstd_level,
+           "bare_tokens_per_s": tokens / med(t["bare"]), "stage1_tokens_per_s": tokens / med(t["stage1"]),
+           "labels_tokens_per_s": tokens / med(t["stage1/labels"]),
+           "ratio": med(t["bare"]) / med(t["stage1"]), "ratio_labels_only": med(t["bare"]) / med(t["stage1/labels"]),
+           "ratio_serial_write": med(t["bare"]) / (med(t["stage1"]) + med(write_s)),
+           "encode_share": med(t["stage1/encode"]) / med(t["stage1"]),
+           "write_share_if_serial": med(write_s) / (med(t["stage1"]) + med(write_s))}
+    return out
+
+
+# --------------------------------------------------------------------------- Stage 1 at scale (stub teacher)
+
+# Common English words, most frequent first: the synthetic corpus draws them Zipf-like, so it
+# tokenizes like prose (about 1.3 tokens a word) without shipping or downloading any text.
+_WORDS = """the of and to in a is that for it as was with be by on not he this are or his from at which
+but have an they you were her she there one all we their been has would when if so more no out up into
+do can said who them some could him time only what other than then its also new two may after about
+first any these over such most people well made through years where between many over state even
+because both each under use during world city year while part several being known those same until
+own before later area water however life found system since called high three small large school
+long family number early group used work government another order public national around day name
+house against great second without general important country important century place age power end
+left often form among following war water body blood heart cell disease patient treatment study
+drug clinical risk cancer children health medical hospital doctor therapy symptoms infection pain
+brain muscle bone skin liver kidney lung protein gene virus bacteria dose response effect results
+river town market square cathedral harbour boats morning evening light road bridge village north
+south east west island mountain forest field garden history music language story book letter""".split()
+_SYNTH_RECORD_WORDS = (60, 420)
+
+
+def synthetic_corpus(path: Path, n_records: int, seed: int = 0) -> int:
+    """A deterministic JSONL file of `n_records` general text records ({"text": ...}), prose-like:
+    Zipf-drawn common words in sentences of 6-24 words, an occasional number. The first n
+    records do not depend on n_records. Returns the file's bytes."""
+    rng = np.random.default_rng(seed)
+    words = np.array(_WORDS, dtype=object)
+    p = 1.0 / (np.arange(len(words)) + 2.7)
+    p /= p.sum()
+    lo, hi = _SYNTH_RECORD_WORDS
+    with open(path, "w") as f:
+        for i in range(n_records):
+            n = int(rng.integers(lo, hi))
+            w = words[rng.choice(len(words), size=n, p=p)]
+            cuts = np.cumsum(rng.integers(6, 25, size=n // 6 + 2))
+            nums = rng.random(n) < 0.02
+            out, start = [], 0
+            for c in cuts:
+                if start >= n:
+                    break
+                s = [str(int(v)) if isnum else t for t, isnum, v in
+                     zip(w[start:c], nums[start:c], rng.integers(2, 2000, size=len(w[start:c])))]
+                out.append(s[0].capitalize() + (" " + " ".join(s[1:]) if len(s) > 1 else "") + ".")
+                start = c
+            f.write(json.dumps({"text": " ".join(out)}) + "\n")
+    return path.stat().st_size
+
+
+def synthetic_corpus_records(tokenizer, tokens: int, sample: int = 200) -> tuple[int, float]:
+    """(records, tokens per record) so that the synthetic corpus holds about `tokens` tokens
+    (with EOS), from the tokenizer's count over its first `sample` records."""
+    with tempfile.TemporaryDirectory(prefix="mol-bench-synth-") as tmp:
+        p = Path(tmp) / "sample.jsonl"
+        synthetic_corpus(p, sample)
+        texts = [json.loads(line)["text"] for line in p.read_text().splitlines()]
+    per = float(np.mean([len(x) + 1 for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]))
+    return max(1, math.ceil(tokens / per)), per
+
+
+def stub_labels(cache: C.TeacherCache) -> dict:
+    """A pool of real labels for the stub teacher: every labelled position of the cache (the real
+    model's labels), decoded, most probable first as the teacher gives them (ids int64 [P, k],
+    probs fp32 [P, k], residual fp32 [P]).
+
+    The default cache holds ~30k positions, more than one Parquet page of a 31-wide column holds
+    (~17k positions a 1 MiB page): zstd, which compresses page by page, never sees the pool repeat
+    within a page, so the stub's shards compress (size and speed) like real ones. A small pool
+    (one sequence tiled) would compress several times better and faster than real labels."""
+    parts = [s for split in ("train", "val") for u in cache.units if u.labelled
+             if (s := u.load(split)) is not None and s.teacher_topk_ids is not None]
+    ids = np.concatenate([s.teacher_topk_ids for s in parts]).astype(np.int64)
+    probs = C.decode_probs(np.concatenate([s.teacher_topk_probs for s in parts]))
+    order = np.argsort(-probs, axis=1, kind="stable")
+    return {"ids": np.take_along_axis(ids, order, 1), "probs": np.take_along_axis(probs, order, 1),
+            "resid": C.decode_residual(np.concatenate([s.teacher_residual for s in parts]))}
+
+
+def make_stub_teacher(pool: dict, max_len: int) -> Callable[[list], list]:
+    """label(batch) -> [(ids [L-1, k], probs [L-1, k], residual [L-1])] per sequence, instantly:
+    consecutive windows of the pool (tiled so that every window is one slice, a view)."""
+    n = len(pool["resid"])
+    reps = 1 + math.ceil(max_len / n)
+    ids, probs, resid = (np.concatenate([pool[name]] * reps) for name in ("ids", "probs", "resid"))
+    at = [0]
+
+    def label(batch: list) -> list:
+        out = []
+        for s in batch:
+            m, o = len(s) - 1, at[0]
+            at[0] = (o + m) % n
+            out.append((ids[o:o + m], probs[o:o + m], resid[o:o + m]))
+        return out
+
+    return label
+
+
+class _Timers:
+    """Wall and thread-CPU seconds per named function, summed over calls and threads."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.acc: dict = defaultdict(lambda: {"wall_s": 0.0, "cpu_s": 0.0, "calls": 0, "threads": set()})
+
+    def wrap(self, name: str, fn: Callable) -> Callable:
+        def timed(*a, **kw):
+            t0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                return fn(*a, **kw)
+            finally:
+                dt, dc = time.perf_counter() - t0, time.thread_time() - c0
+                with self.lock:
+                    x = self.acc[name]
+                    x["wall_s"] += dt
+                    x["cpu_s"] += dc
+                    x["calls"] += 1
+                    x["threads"].add(threading.current_thread().name.split("_")[0])
+        return timed
+
+    def patch(self, owner, attr: str, name: str) -> None:
+        setattr(owner, attr, self.wrap(name, getattr(owner, attr)))
+
+    def report(self) -> dict:
+        return {k: {**v, "threads": sorted(v["threads"])} for k, v in self.acc.items()}
+
+
+class _TimedTokenizer:
+    """The tokenizer, its __call__ (the packer's batch tokenization) timed."""
+
+    def __init__(self, tok, timers: _Timers):
+        self._tok = tok
+        self._call = timers.wrap("tokenize", tok.__call__)
+
+    def __call__(self, *a, **kw):
+        return self._call(*a, **kw)
+
+    def __len__(self):
+        return len(self._tok)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def _instrument_stage1() -> _Timers:
+    """Time the pass's parts where they run: packer thread, main thread, writer threads."""
+    import queue
+
+    from . import corpora, teacher
+
+    tm = _Timers()
+    load = teacher.load_tokenizer
+    teacher.load_tokenizer = lambda path: _TimedTokenizer(load(path), tm)
+    tm.patch(corpora.SegmentPacker, "_fill", "packer: read + render + tokenize + pack (_fill)")
+    tm.patch(corpora, "record_to_text", "render (record_to_text)")
+    tm.patch(corpora.SegmentPacker, "state", "packer state (resume record)")
+    tm.patch(queue.Queue, "get", "main: waiting for packed groups (queue get)")
+    tm.patch(teacher, "_shard_data", "main: shard data (_shard_data: encode + resume record)")
+    tm.patch(C, "encode_labels", "encode_labels")
+    tm.patch(teacher, "_residual_stats", "residual stats")
+    tm.patch(C.ShardWriter, "submit", "main: submit (waits for a free writer slot)")
+    tm.patch(C, "shard_table", "writer: shard_table")
+    tm.patch(C, "write_shard", "writer: write_shard (Parquet encode + zstd + write + fsync)")
+    tm.patch(teacher, "_prepare", "prepare (tokenizer, fingerprints)")
+    tm.patch(teacher, "_finalize_unit", "finalize unit (checksums, card, manifest)")
+    tm.patch(teacher, "_write_set", "set manifest")
+    return tm
+
+
+def stage1_pipeline_config(cfg: MolConfig, model_path: Path, corpus: Path, cache_root: Path,
+                           max_seq_len: int, rows_per_shard: int) -> dict:
+    """A config for the whole Stage 1 over one synthetic general source: the defaults (writer
+    threads, zstd level, batch size, segments) except sequence length, rows per shard, no fidelity."""
+    return {"model": {"name": str(model_path), "chat_template_kwargs": cfg.model.chat_template_kwargs},
+            "data": {"max_seq_len": max_seq_len,
+                     "sources": [{"path": str(corpus), "corpus": "general", "subset": "synthetic"}]},
+            "teacher": {"top_k": cfg.teacher.top_k, "rows_per_shard": rows_per_shard, "fidelity_sequences": 0,
+                        "cache_root": str(cache_root)}}
+
+
+def _stage1_pipeline_child(config: dict, pool: str, instrument: bool = False):
+    """The whole Stage 1 (mol.teacher.run_teacher_pass) with the teacher replaced by an instant stub."""
+    from . import teacher
+
+    cfg = load_config(data=config)
+    with np.load(pool) as z:
+        stub = make_stub_teacher({k: z[k] for k in z.files}, cfg.data.max_seq_len)
+    timers = _instrument_stage1() if instrument else None
+    if timers is not None:
+        stub = timers.wrap("main: teacher stub", stub)
+    teacher._teacher_backend = lambda *a, **kw: (None, stub)
+
+    def run() -> dict:
+        marks = []
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        cache_dir, status = teacher.run_teacher_pass(
+            cfg, make_bar=lambda total, desc: (lambda n: marks.append((time.perf_counter(), n))))
+        wall = time.perf_counter() - t0
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        cache = C.TeacherCache(cache_dir)
+        m = cache.manifest
+        out = {"status": status, "tokens": m["totals"]["tokens"], "sequences": m["totals"]["sequences"],
+               "bytes": m["totals"]["bytes"], "bytes_per_token": m["totals"]["bytes_per_token"],
+               "shards": cache.shard_count, "segments": sum(u.manifest["segments"] for u in cache.units),
+               "wall_s": wall, "cpu_s": (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime),
+               "first_shard_s": marks[0][0] - t0 if marks else None,
+               "last_shard_s": marks[-1][0] - t0 if marks else None,
+               # from the first shard handed to the writer to the last: the pass without its
+               # start (tokenizer, fingerprints, first group) and end (drain, checksums, manifests)
+               "loop_tokens_per_s": (sum(n for _, n in marks[1:]) / (marks[-1][0] - marks[0][0])
+                                     if len(marks) > 1 and marks[-1][0] > marks[0][0] else None),
+               "writer_threads": cfg.teacher.writer_threads, "zstd_level": cfg.teacher.zstd_level,
+               "batch_size": cfg.teacher.batch_size, "rows_per_shard": cfg.teacher.rows_per_shard,
+               "max_seq_len": cfg.data.max_seq_len, "threads_at_end": threading.active_count()}
+        if timers is not None:
+            out["split"] = timers.report()
+        return out
+
+    return run
+
+
+def stage1_pipeline(cfg: MolConfig, model_path: Path, tokenizer, cache: C.TeacherCache, workdir: Path,
+                    sz: BenchSizes) -> dict:
+    """(a) the whole Stage 1 with a stub teacher over sz.pipeline_tokens, instrumented, in a child;
+    (b) the same pass, uninstrumented, over sz.rss_tokens and 10x that: peak RSS of each child."""
+    import shutil
+
+    root = workdir / "stage1-pipeline"
+    root.mkdir(parents=True, exist_ok=True)
+    pool = root / "stub-labels.npz"
+    labels = stub_labels(cache)
+    np.savez(pool, **labels)
+    _, per = synthetic_corpus_records(tokenizer, 1)
+    runs = {"pipeline": sz.pipeline_tokens, "rss_1x": sz.rss_tokens, "rss_10x": 10 * sz.rss_tokens}
+    files = {}
+    for name, tokens in runs.items():
+        n = max(1, math.ceil(tokens / per))
+        files[name] = (root / f"{name}.jsonl", n)
+        synthetic_corpus(files[name][0], n)
+
+    def spec(name: str, instrument: bool) -> dict:
+        conf = stage1_pipeline_config(cfg, model_path, files[name][0], root / f"cache-{name}",
+                                      sz.pipeline_seq_len, sz.pipeline_rows_per_shard)
+        return {"kind": "stage1_pipeline", "args": {"config": conf, "pool": str(pool), "instrument": instrument}}
+
+    def one(name: str, instrument: bool = False) -> dict:
+        try:
+            res = run_children([spec(name, instrument)], 1, sz.threads)[0]
+        finally:
+            shutil.rmtree(root / f"cache-{name}", ignore_errors=True)
+        r = res.pop("result")
+        r.update(res, records=files[name][1], input_bytes=files[name][0].stat().st_size)
+        r["tokens_per_s"] = r["tokens"] / r["wall_s"]
+        log.info("stage 1 pipeline %s: %d tokens in %.1f s = %.0f tokens/s, peak RSS %.0f MiB (own %.0f MiB)",
+                 name, r["tokens"], r["wall_s"], r["tokens_per_s"], r["high_water_bytes"] / 2**20,
+                 r["peak_bytes"] / 2**20)
+        return r
+
+    pipe = one("pipeline", instrument=True)
+    small = one("rss_1x")
+    big = one("rss_10x")
+    for f in files.values():
+        f[0].unlink(missing_ok=True)
+    pool.unlink(missing_ok=True)
+    return {"pipeline": pipe, "rss": {"1x": small, "10x": big,
+                                      "ratio": big["high_water_bytes"] / small["high_water_bytes"],
+                                      "own_ratio": big["peak_bytes"] / max(small["peak_bytes"], 1),
+                                      "tokens_ratio": big["tokens"] / max(small["tokens"], 1)},
+            "tokens_per_record": per, "stub_pool_positions": len(labels["resid"])}
+
+
+_CHILD_SETUPS: dict[str, Callable[..., Callable[[], Any]]] = {
+    "loss": _loss_child, "stage2": _stage2_child, "stage1_pipeline": _stage1_pipeline_child}
+
+
+# --------------------------------------------------------------------------- zstd levels
+
+
+def shard_from_file(path: Path, unit: C.CacheUnit, vocab: int) -> tuple[C.ShardData, bool]:
+    """One cache shard back as the ShardData Stage 1 built for it: its rows, its labels decoded and
+    re-encoded by C.encode_labels, its resume metadata. Also whether the re-encoding gave the stored codes."""
+    t = pq.read_table(path).combine_chunks()
+    col = t.column(C.INPUT_IDS)
+    col = col.chunk(0) if col.num_chunks else pa.array([], col.type)
+    off = col.offsets.to_numpy().astype(np.int64)
+    src = unit.manifest["key"]["source"]
+    d = C.ShardData(seq_id=t.column(C.SEQ_ID).to_numpy(), corpus=src["corpus"], subset=src["subset"],
+                    split=t.column(C.SPLIT).to_pylist(), input_ids=col.flatten().to_numpy(), tok_off=off - off[0])
+    exact = True
+    if unit.labelled:
+        k = unit.k
+
+        def flat(name, depth):
+            c = t.column(name)
+            a = c.chunk(0) if c.num_chunks else pa.array([], c.type)
+            for _ in range(depth):
+                a = a.flatten()
+            return a.to_numpy(zero_copy_only=False)
+
+        gaps, pc, rc = flat(C.TOPK_IDS, 2).reshape(-1, k), flat(C.TOPK_PROBS, 2).reshape(-1, k), flat(C.RESIDUAL, 1)
+        d.topk_ids, d.topk_probs, d.residual = C.encode_labels(C.decode_ids(gaps), C.decode_probs(pc),
+                                                               C.decode_residual(rc), vocab)
+        exact = (np.array_equal(d.topk_ids, gaps) and np.array_equal(d.topk_probs, pc)
+                 and np.array_equal(d.residual, rc))
+    md = pq.read_schema(path).metadata or {}
+    d.metadata = {C.RESUME_KEY: md[C.RESUME_KEY]} if C.RESUME_KEY in md else {}
+    return d, exact
+
+
+def zstd_levels_study(cache: C.TeacherCache, vocab: int, levels: tuple, default_level: int, workdir: Path,
+                      sz: BenchSizes) -> dict:
+    """Every shard of the cache (real labels of the real model, Stage 1's own grouping) rewritten
+    with mol.cache's encoding at each zstd level: bytes/token and single-thread writer tokens/s
+    (C.shard_table + C.write_shard), levels interleaved round by round. At the cache's own level
+    the rewritten shards must be the cache's bytes (sha256 against the unit manifests)."""
+    shards, exact = [], True
+    for u in cache.units:
+        for s in u.manifest["shards"]:
+            d, ok = shard_from_file(u.path / s["file"], u, vocab)
+            shards.append((u, s, d))
+            exact &= ok
+    tokens = sum(d.tokens for _, _, d in shards)
+    levels = tuple(sorted(set(levels) | {default_level}))
+    out_dir = workdir / "zstd-levels"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def task(level):
+        def run():
+            for i, (_, _, d) in enumerate(shards):
+                write_table(d, out_dir / f"l{level:02d}-{i:05d}.parquet", cache.k, vocab, level)
+        return run
+
+    t = interleaved({f"zstd {lv}": task(lv) for lv in levels}, sz.reps, sz.warmup)
+    rows = []
+    for lv in levels:
+        files = [out_dir / f"l{lv:02d}-{i:05d}.parquet" for i in range(len(shards))]
+        nbytes = sum(p.stat().st_size for p in files)
+        row = {"level": lv, "default": lv == default_level, "bytes": nbytes, "bytes_per_token": nbytes / tokens,
+               "write_s": t[f"zstd {lv}"], "writer_tokens_per_s": tokens / med(t[f"zstd {lv}"])}
+        if lv == default_level:
+            same = [C.sha256_path(p) == s["sha256"] for p, (_, s, _) in zip(files, shards)]
+            row["shards_identical_to_cache"] = int(sum(same))
+        rows.append(row)
+        for p in files:
+            p.unlink()
+    base = next(r for r in rows if r["default"])
+    for r in rows:
+        r["bytes_vs_default"] = r["bytes"] / base["bytes"]
+        r["speed_vs_default"] = r["writer_tokens_per_s"] / base["writer_tokens_per_s"]
+    cache_level_rows = base["shards_identical_to_cache"]
+    return {"shards": len(shards), "tokens": tokens, "units": len(cache.units), "default_level": default_level,
+            "reencode_exact": bool(exact), "reproduces_cache_bytes": cache_level_rows == len(shards),
+            "cache_manifest_bytes_per_token": cache.manifest["totals"]["bytes_per_token"], "levels": rows}
 
 
 # --------------------------------------------------------------------------- storage study
@@ -594,15 +1005,15 @@ def bench_stage1(model, tokenizer, rows: list[dict], k: int, chunk: int, zstd_le
 
 @dataclass(frozen=True)
 class StorageVariant:
-    """One way to store the teacher columns, as changes to the current schema (mol.cache's, v2)."""
+    """One way to store the teacher columns, as changes to the current schema (mol.cache's, v3)."""
 
     name: str
     probs: str = "u10_sqrt"      # fp16 | logp_fp16 | u8_sqrt | u10_sqrt | u12_sqrt (in uint16) | u8_log
-    resid: str = "fp16"          # fp32 | fp16 | none (recomputed as 1 - sum of the stored probs)
-    ids_order: str = "asc"       # desc (most probable first) | asc | asc_gap (first id, then gaps)
+    resid: str = "log16"         # log16 (schema 3's log code) | fp32 | fp16 (schema 2) | none (1 - sum of probs)
+    ids_order: str = "asc_gap"   # asc_gap (ascending, stored as gaps) | asc | desc (most probable first)
     zstd: Optional[int] = None   # None: the config's teacher.zstd_level, as Stage 1 writes
     encodings: tuple = ()        # ((column, parquet encoding), ...) replacing the current one for its values
-    current: bool = False        # written and read by mol.cache itself (encode_labels, write_shard, decode_probs)
+    current: bool = False        # written and read by mol.cache itself (encode_labels, shard_table, write_shard, decode_*)
 
 
 _U8_LOG_STEP = 20.0 / 255  # log-prob grid: p in [2e-9, 1], relative step 8%
@@ -615,28 +1026,32 @@ _PLAIN = "PLAIN"
 
 # The first entry is the current schema; every other one names what it changes relative to it
 # (encodings too: a column not listed keeps the encoding mol.cache gives it).
+_SCHEMA2 = dict(ids_order="asc", resid="fp16", encodings=((_RES, _PLAIN),))
 _SCHEMA1 = dict(probs="fp16", resid="fp32", ids_order="desc")
 STORAGE_VARIANTS = [
     StorageVariant("current", current=True),
     StorageVariant("PLAIN ids + probs", encodings=((_IDS, _PLAIN), (_PROBS, _PLAIN))),
     StorageVariant("PLAIN ids", encodings=((_IDS, _PLAIN),)),
     StorageVariant("PLAIN probs", encodings=((_PROBS, _PLAIN),)),
-    StorageVariant("DELTA_BINARY_PACKED ids", encodings=((_IDS, _DELTA),)),
+    StorageVariant("PLAIN residual", encodings=((_RES, _PLAIN),)),
+    StorageVariant("DELTA_BINARY_PACKED id gaps", encodings=((_IDS, _DELTA),)),
     StorageVariant("zstd 3", zstd=3),
-    StorageVariant("zstd 9", zstd=9),
+    StorageVariant("zstd 19", zstd=19),
     StorageVariant("zstd 22", zstd=22),
+    StorageVariant("ids ascending, not gaps (schema 2)", ids_order="asc"),
     StorageVariant("ids most probable first", ids_order="desc"),
-    StorageVariant("ids as gaps (first id, then differences)", ids_order="asc_gap"),
     StorageVariant("probs fp16", probs="fp16"),
     StorageVariant("probs fp16 log-probs", probs="logp_fp16"),
     StorageVariant("probs uint12 sqrt(p) (uint16)", probs="u12_sqrt"),
     StorageVariant("probs uint8 sqrt(p)", probs="u8_sqrt", encodings=((_PROBS, _PLAIN),)),
     StorageVariant("probs uint8 log p grid", probs="u8_log", encodings=((_PROBS, _PLAIN),)),
+    StorageVariant("residual fp16, PLAIN (schema 2)", resid="fp16", encodings=((_RES, _PLAIN),)),
     StorageVariant("residual fp32", resid="fp32"),
     StorageVariant("no residual (1 - sum probs)", resid="none"),
+    StorageVariant("schema 2: ascending ids, fp16 residual (PLAIN)", **_SCHEMA2),
     StorageVariant("schema 1: ids most probable first, fp16 probs, fp32 residual", **_SCHEMA1),
-    StorageVariant("schema 1 with PLAIN encodings, zstd 6", **_SCHEMA1, zstd=6,
-                   encodings=((_IDS, _PLAIN), (_PROBS, _PLAIN))),
+    StorageVariant("schema 1 with PLAIN encodings", **_SCHEMA1,
+                   encodings=((_IDS, _PLAIN), (_PROBS, _PLAIN), (_RES, _PLAIN))),
 ]
 
 
@@ -651,9 +1066,9 @@ def encode_labels(v: StorageVariant, ids: np.ndarray, probs: np.ndarray, resid: 
     if v.ids_order in ("asc", "asc_gap"):
         order = np.argsort(ids, axis=1, kind="stable")
         ids, probs = np.take_along_axis(ids, order, 1), np.take_along_axis(probs, order, 1)
-    stored_ids = ids.copy()
+    stored_ids = ids.astype(id_dtype)
     if v.ids_order == "asc_gap":
-        stored_ids[:, 1:] = np.diff(ids, axis=1)
+        stored_ids = np.diff(stored_ids, axis=1, prepend=np.zeros((len(ids), 1), id_dtype))
     p64 = probs.astype(np.float64)
     if v.probs == "fp16":
         sp = probs.astype(np.float16)
@@ -662,27 +1077,33 @@ def encode_labels(v: StorageVariant, ids: np.ndarray, probs: np.ndarray, resid: 
     elif v.probs in _SQRT_LEVELS:
         # never 0: a zero bucket would be floored at 1e-30 and cost the student's whole mass there
         top = _SQRT_LEVELS[v.probs]
-        sp = np.clip(np.rint(np.sqrt(p64) * top), 1, top).astype(np.uint8 if top < 256 else np.uint16)
+        sp = np.clip(np.rint(np.sqrt(np.clip(p64, 0.0, 1.0)) * top), 1, top).astype(np.uint8 if top < 256 else np.uint16)
     elif v.probs == "u8_log":
         sp = np.clip(np.rint(-np.log(np.maximum(p64, 1e-30)) / _U8_LOG_STEP), 0, 255).astype(np.uint8)
     else:
         raise ValueError(v.probs)
-    out = {_IDS: stored_ids.astype(id_dtype), _PROBS: sp}
-    if v.resid == "fp32":
+    out = {_IDS: stored_ids, _PROBS: sp}
+    if v.resid == "log16":
+        r = np.clip(np.asarray(resid, dtype=np.float64), C.RESIDUAL_FLOOR, 1.0)
+        out[_RES] = np.rint(-np.log(r) / C.RESIDUAL_STEP).astype(np.uint16)
+    elif v.resid == "fp32":
         out[_RES] = resid.astype(np.float32)
     elif v.resid == "fp16":
         out[_RES] = resid.astype(np.float16)
+    elif v.resid != "none":
+        raise ValueError(v.resid)
     return out
 
 
 def decode_labels(v: StorageVariant, ids: np.ndarray, probs: np.ndarray, resid: Optional[np.ndarray]):
     """Stored column values -> (ids int64 [N, k], probs float64, residual float64), as a reader would."""
+    if v.current:
+        return (C.decode_ids(ids).astype(np.int64), C.decode_probs(probs).astype(np.float64),
+                C.decode_residual(resid).astype(np.float64))
     ids = ids.astype(np.int64)
     if v.ids_order == "asc_gap":
         ids = np.cumsum(ids, axis=1)
-    if v.current:
-        p = C.decode_probs(probs).astype(np.float64)
-    elif v.probs == "fp16":
+    if v.probs == "fp16":
         p = probs.astype(np.float64)
     elif v.probs == "logp_fp16":
         p = np.exp(probs.astype(np.float64))
@@ -690,60 +1111,68 @@ def decode_labels(v: StorageVariant, ids: np.ndarray, probs: np.ndarray, resid: 
         p = (probs.astype(np.float64) / _SQRT_LEVELS[v.probs]) ** 2
     else:
         p = np.exp(-probs.astype(np.float64) * _U8_LOG_STEP)
-    r = np.clip(1 - p.sum(1), 0, None) if resid is None else resid.astype(np.float64)
+    if resid is None:
+        r = np.clip(1 - p.sum(1), 0, None)
+    elif v.resid == "log16":
+        r = C.decode_residual(resid).astype(np.float64)
+    else:
+        r = resid.astype(np.float64)
     return ids, p, r
+
+
+_LEAF = {C.INPUT_IDS: ".list.element", _IDS: ".list.element.list.element", _PROBS: ".list.element.list.element",
+         _RES: ".list.element"}
 
 
 def write_variant(v: StorageVariant, path: Path, rows: list[dict], labels: list[tuple], k: int, vocab: int,
                   zstd_level: int, base_encodings: dict) -> float:
     """rows: cache rows (input_ids etc.); labels: exact (ids, probs fp32, resid fp32) per row;
     zstd_level / base_encodings: the current schema's, which the variant changes.
-    Returns the seconds spent in the Parquet write itself (encoding + compression + I/O)."""
+
+    The current variant is mol.cache's own path (shard_data -> C.shard_table -> C.write_shard).
+    Every other one takes that same table and replaces its teacher columns with the variant's,
+    then writes it with mol.cache's Parquet options and the current encodings it does not change.
+    Returns the seconds spent in the write (table build + Parquet encoding + compression + I/O)."""
     level = zstd_level if v.zstd is None else v.zstd
+    d = shard_data(rows, labels, vocab, subset="storage-study")
     if v.current:
-        table = cache_table(rows, labels, k, vocab)
         t0 = time.perf_counter()
-        C.write_shard(path, table, level)
+        write_table(d, path, k, vocab, level)
         return time.perf_counter() - t0
-    id_dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
-    ids = np.concatenate([x[0] for x in labels])
-    probs = np.concatenate([x[1] for x in labels])
-    resid = np.concatenate([x[2] for x in labels])
-    enc = encode_labels(v, ids, probs, resid, id_dtype)
+    id_dtype = C.id_dtype(vocab)
+    enc = encode_labels(v, np.concatenate([x[0] for x in labels]), np.concatenate([x[1] for x in labels]),
+                        np.concatenate([x[2] for x in labels]), id_dtype)
     positions = [len(x[2]) for x in labels]
-    tok_off = np.concatenate([[0], np.cumsum([len(r[C.INPUT_IDS]) for r in rows])]).astype(np.int32)
-    cols = {
-        C.SEQ_ID: pa.array([r[C.SEQ_ID] for r in rows], pa.int64()),
-        C.CORPUS: pa.array([r[C.CORPUS] for r in rows], pa.string()),
-        C.SUBSET: pa.array([r[C.SUBSET] for r in rows], pa.string()),
-        C.SPLIT: pa.array(["train"] * len(rows), pa.string()),
-        C.INPUT_IDS: pa.ListArray.from_arrays(
-            pa.array(tok_off), pa.array(np.concatenate([r[C.INPUT_IDS] for r in rows]).astype(id_dtype))),
-        _IDS: _nested(enc[_IDS], k, positions),
-        _PROBS: _nested(enc[_PROBS], k, positions),
-    }
+    t0 = time.perf_counter()
+    table = C.shard_table(d, k, vocab)
+    for name in (_IDS, _PROBS):
+        table = table.set_column(table.schema.get_field_index(name), name, _nested(enc[name], k, positions))
     if _RES in enc:
         offsets = np.concatenate([[0], np.cumsum(positions)]).astype(np.int32)
-        cols[_RES] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(enc[_RES]))
-    leaf = {_IDS: ".list.element.list.element", _PROBS: ".list.element.list.element", _RES: ".list.element"}
-    table = pa.table(cols)
-    t0 = time.perf_counter()
+        table = table.set_column(table.schema.get_field_index(_RES), _RES,
+                                 pa.ListArray.from_arrays(pa.array(offsets), pa.array(enc[_RES])))
+    else:
+        table = table.drop_columns([_RES])
     encodings = {**base_encodings, **dict(v.encodings)}
-    encodings = {col: e for col, e in encodings.items() if col in cols}
-    pq.write_table(table, path, compression="zstd", compression_level=level,
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp, compression="zstd", compression_level=level,
                    use_dictionary=[C.CORPUS, C.SUBSET, C.SPLIT], write_statistics=[C.SEQ_ID],
-                   column_encoding={col + leaf[col]: e for col, e in encodings.items()} or None)
+                   column_encoding={col + _LEAF[col]: e for col, e in encodings.items()
+                                    if col in table.column_names} or None)
+    with open(tmp, "rb") as f:  # as write_shard: the fsync is part of every write
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
     return time.perf_counter() - t0
 
 
 def leaf_encodings(path: Path) -> dict:
-    """The value encoding of each teacher column in a shard: what mol.cache chose, to build upon."""
+    """The value encoding of input_ids and each teacher column in a shard: what mol.cache chose, to build upon."""
     md = pq.ParquetFile(path).metadata.row_group(0)
     out = {}
     for c in range(md.num_columns):
         col = md.column(c)
         top = col.path_in_schema.split(".")[0]
-        if top in (_IDS, _PROBS, _RES):
+        if top in _LEAF:
             data = [e for e in col.encodings if e not in ("RLE", "BIT_PACKED")]
             known = [e for e in data if e in (_BSS, _DELTA, "DELTA_BYTE_ARRAY", "DELTA_LENGTH_BYTE_ARRAY")]
             if any("DICTIONARY" in e for e in data):
@@ -786,10 +1215,12 @@ def _bucket_logits(student_logp: torch.Tensor, ids: torch.Tensor) -> tuple[torch
 
 @torch.no_grad()
 def storage_study(model, tokenizer, rows: list[dict], k: int, chunk: int, vocab: int, workdir: Path,
-                  zstd_level: int, variants: list[StorageVariant] = STORAGE_VARIANTS) -> dict:
+                  zstd_level: int, variants: list[StorageVariant] = STORAGE_VARIANTS,
+                  labels: Optional[list[tuple]] = None) -> dict:
     """Bytes per token and KL fidelity of each storage variant on real teacher labels.
 
     variants[0] must be the current schema: the others are written as changes to what it wrote.
+    `labels`: the teacher's labels of `rows` when already computed (else computed here).
 
     Fidelity as in mol.teacher.measure_fidelity: probe student = teacher logits / 1.5, float64,
     |KL_trunc(stored labels) - KL_trunc(exact labels: the float64 teacher's probabilities of the
@@ -798,8 +1229,9 @@ def storage_study(model, tokenizer, rows: list[dict], k: int, chunk: int, vocab:
     from .teacher import final_hidden, teacher_labels
 
     device = next(model.parameters()).device
-    seqs = [r[C.INPUT_IDS].tolist() for r in rows]
-    labels = teacher_labels(model, seqs, k, chunk, tokenizer.pad_token_id, device)
+    seqs = [np.asarray(r[C.INPUT_IDS]) for r in rows]
+    if labels is None:
+        labels = teacher_labels(model, seqs, k, chunk, tokenizer.pad_token_id, device)
     labels_ids = np.concatenate([x[0] for x in labels])
     tokens = sum(len(s) for s in seqs)
     if not variants[0].current:
@@ -814,28 +1246,33 @@ def storage_study(model, tokenizer, rows: list[dict], k: int, chunk: int, vocab:
         if v.current:
             base = leaf_encodings(path)
             t = pq.read_schema(path)
-            name = (f"current mol.cache schema: {t.field(_IDS).type.value_type.value_type} ids ({base.get(_IDS)}), "
-                    f"{t.field(_PROBS).type.value_type.value_type} probs ({base.get(_PROBS)}), "
-                    f"{t.field(_RES).type.value_type} residual ({base.get(_RES)}), zstd {zstd_level}")
+            name = (f"current mol.cache schema {C.SCHEMA_VERSION}: {t.field(_IDS).type.value_type.value_type} "
+                    f"id gaps ({base.get(_IDS)}), {t.field(_PROBS).type.value_type.value_type} sqrt-p codes "
+                    f"({base.get(_PROBS)}), {t.field(_RES).type.value_type} log-coded residual ({base.get(_RES)}), "
+                    f"zstd {zstd_level}")
         results.append({"name": name, "variant": dataclasses.asdict(v), "bytes": path.stat().st_size,
                         "write_us_per_token": seconds / tokens * 1e6,
                         "bytes_per_token": path.stat().st_size / tokens,
                         "column_bytes_per_token": {c: b / tokens for c, b in _column_bytes(path).items()}})
         decoded.append(read_variant(v, path))
+        if v.current:
+            current_sha = C.sha256_path(path)
         path.unlink()
-    # the same content through this module's writer must give the current schema's bytes
-    write_variant(StorageVariant("builder check"), workdir / "check.parquet", rows, labels, k, vocab, zstd_level, base)
-    builder_bytes = (workdir / "check.parquet").stat().st_size
-    (workdir / "check.parquet").unlink()
-    if abs(builder_bytes - results[0]["bytes"]) > 0.01 * results[0]["bytes"]:
-        log.warning("storage study: table builder gives %d bytes, mol.cache %d", builder_bytes, results[0]["bytes"])
+    # the same content through this module's variant writer, changing nothing, must give mol.cache's bytes
+    check = workdir / "check.parquet"
+    write_variant(StorageVariant("builder check"), check, rows, labels, k, vocab, zstd_level, base)
+    builder_bytes, builder_identical = check.stat().st_size, C.sha256_path(check) == current_sha
+    check.unlink()
+    if not builder_identical:
+        log.warning("storage study: the variant writer gives %d bytes, mol.cache %d (not the same file)",
+                    builder_bytes, results[0]["bytes"])
 
     w = model.get_output_embeddings().weight.double()
     diffs: list[list[torch.Tensor]] = [[] for _ in variants]
     kl_exact_all = []
     pos = 0
     for s in seqs:
-        x = torch.tensor([s], device=device)
+        x = torch.as_tensor(s.astype(np.int64), device=device)[None]
         t_logits = final_hidden(model, x)[0, :-1].double() @ w.T
         s_logp = torch.log_softmax(t_logits / PROBE_TEMPERATURE, -1)
         t_logp = torch.log_softmax(t_logits, -1)
@@ -858,6 +1295,7 @@ def storage_study(model, tokenizer, rows: list[dict], k: int, chunk: int, vocab:
     return {"sequences": len(seqs), "tokens": tokens, "positions": pos, "k": k,
             "kl_trunc_exact_mean": float(torch.cat(kl_exact_all).mean()),
             "probe": f"student = teacher logits / {PROBE_TEMPERATURE}", "builder_check_bytes": builder_bytes,
+            "builder_check_identical": builder_identical,
             "current_encodings": base, "zstd_level": zstd_level,
             "variants": results}
 
@@ -866,7 +1304,6 @@ def best_storage(storage: dict, max_bytes: float = 80.0, max_kl: float = 1e-3) -
     ok = [v for v in storage["variants"] if v["kl_abs_mean"] <= max_kl]
     best = min(ok, key=lambda v: v["bytes_per_token"]) if ok else None
     return {"best_meeting_fidelity": best, "meets_both": bool(best and best["bytes_per_token"] <= max_bytes)}
-
 
 # --------------------------------------------------------------------------- the whole run
 
@@ -916,13 +1353,19 @@ def _figure(fid: str, figure: str, measured: float, op: str, goal: float, text: 
             "met": bool(met and also) and math.isfinite(measured), "detail": detail}
 
 
-FIGURE_IDS = ("stage1_vs_forward", "cache_bytes_per_token", "mol_vs_ce_step_time", "mol_vs_ce_peak_memory",
-              "cache_vs_online_teacher_step_time", "loss_path_memory_vs_naive", "reader_vs_training_tokens_per_s")
+FIGURE_IDS = ("stage1_vs_forward", "stage1_pipeline_tokens_per_s", "stage1_rss_10x", "cache_bytes_per_token",
+              "mol_vs_ce_step_time", "mol_vs_ce_peak_memory", "cache_vs_online_teacher_step_time",
+              "loss_path_memory_vs_naive", "reader_vs_training_tokens_per_s")
+SECTIONS = ("teacher cache", "stage 1 vs bare forward", "storage variants", "zstd levels",
+            "stage 1 at scale (stub teacher)", "stage 2 steps", "stage 2 step ratio vs length", "stage 2 peak memory",
+            "loss path peak memory", "loss path time")
+"""The parts of run_all in order; `section(name)` is called as each starts."""
 
 
 def run_all(cfg: MolConfig, *, quick: bool = False, workdir: Optional[Path] = None, threads: Optional[int] = None,
             section: Callable[[str], None] = lambda name: None, make_bar=None) -> dict:
-    """Every measurement of the benchmark; returns {"meta", "figures", "storage", "scaling"}.
+    """Every measurement of the benchmark; returns {"meta", "figures", "storage", "zstd_levels",
+    "stage1_at_scale", "scaling"}.
 
     `section(name)` is called as each part starts (progress for the caller). The model is the
     config's (`model.name`); with quick=True the config is shrunk by quick_config and the cache is
@@ -949,6 +1392,7 @@ def run_all(cfg: MolConfig, *, quick: bool = False, workdir: Optional[Path] = No
     marks = [("", time.time())]
 
     def enter(name: str) -> None:
+        assert not name or name in SECTIONS, name
         prev, t0 = marks[-1]
         if prev:
             section_seconds[prev] = time.time() - t0
@@ -980,7 +1424,7 @@ def run_all(cfg: MolConfig, *, quick: bool = False, workdir: Optional[Path] = No
                      if train_seqs.tok_off[i + 1] - train_seqs.tok_off[i] == full_len]
         s1_rows = full_rows[:cfg.teacher.batch_size]
         stage1 = bench_stage1(teacher, tokenizer, s1_rows, k, cfg.teacher.chunk_positions, cfg.teacher.zstd_level,
-                              vocab, workdir, sz)
+                              vocab, workdir, sz, cfg.teacher.writer_threads)
         log.info("stage 1: %.3f of a bare forward (labels only %.3f)", stage1["ratio"], stage1["ratio_labels_only"])
 
         enter("storage variants")
@@ -993,6 +1437,15 @@ def run_all(cfg: MolConfig, *, quick: bool = False, workdir: Optional[Path] = No
         storage.update(best_storage(storage))
         del teacher
         gc.collect()
+
+        enter("zstd levels")
+        zstd = zstd_levels_study(cache, vocab, sz.zstd_levels, cfg.teacher.zstd_level, workdir, sz)
+        log.info("zstd levels: %s", ", ".join(f"{r['level']}: {r['bytes_per_token']:.1f} B/token "
+                                             f"{r['writer_tokens_per_s'] / 1e3:.0f}k tok/s" for r in zstd["levels"]))
+
+        enter("stage 1 at scale (stub teacher)")
+        # the stub teacher hands out the cache's labels (the real model's)
+        at_scale = stage1_pipeline(cfg, model_path, tokenizer, cache, workdir, sz)
 
         enter("stage 2 steps")
         s2 = Stage2(cfg, model_path, device, k)
@@ -1048,12 +1501,26 @@ def run_all(cfg: MolConfig, *, quick: bool = False, workdir: Optional[Path] = No
 
     cur = storage["variants"][0]
     best = storage["best_meeting_fidelity"]
-    gb = 1 / 2**30
+    pipe, rss = at_scale["pipeline"], at_scale["rss"]
+    gb, mib = 1 / 2**30, 1 / 2**20
     figures = [
         _figure("stage1_vs_forward", "Stage 1 tokens/s ÷ bare forward tokens/s", stage1["ratio"], ">=", 0.92,
                 f"{stage1['ratio']:.3f} ({stage1['stage1_tokens_per_s']:.0f} vs {stage1['bare_tokens_per_s']:.0f} tok/s;"
-                f" labels alone {stage1['ratio_labels_only']:.3f}; "
-                f"{_round_range(stage1['times']['bare'], stage1['times']['stage1'])})", stage1),
+                f" labels alone {stage1['ratio_labels_only']:.3f}; encode {100 * stage1['encode_share']:.1f}% of a"
+                f" round, the write on {stage1['writer_threads']} writer thread(s), {1e3 * med(stage1['write_s']):.0f} ms"
+                f" alone; {_round_range(stage1['times']['bare'], stage1['times']['stage1'])})", stage1),
+        _figure("stage1_pipeline_tokens_per_s", "whole Stage 1 tokens/s, instant stub teacher (read JSONL, render, "
+                f"tokenize, pack, encode, compress, write, manifests; {pipe['max_seq_len']}-token sequences, "
+                f"{pipe['rows_per_shard']} rows/shard)", pipe["tokens_per_s"], ">=", 200_000.0,
+                f"{pipe['tokens_per_s']:.0f} tok/s ({pipe['tokens']} tokens in {pipe['wall_s']:.1f} s, {pipe['shards']} "
+                f"shards, {pipe['cpu_s'] / pipe['wall_s']:.2f} cores busy"
+                + (f"; first to last shard {pipe['loop_tokens_per_s']:.0f} tok/s" if pipe.get("loop_tokens_per_s") else "")
+                + ")", pipe, goal_text="≥ 200k tokens/s"),
+        _figure("stage1_rss_10x", f"Stage 1 (stub teacher) peak RSS, {rss['10x']['tokens']} ÷ {rss['1x']['tokens']} "
+                "tokens", rss["ratio"], "<=", 1.15,
+                f"{rss['ratio']:.3f} ({rss['10x']['high_water_bytes'] * mib:.0f} vs "
+                f"{rss['1x']['high_water_bytes'] * mib:.0f} MiB, the pass's own growth "
+                f"{rss['10x']['peak_bytes'] * mib:.0f} vs {rss['1x']['peak_bytes'] * mib:.0f} MiB)", rss),
         _figure("cache_bytes_per_token", f"cache bytes/token on disk, k = {k} (current schema)",
                 cur["bytes_per_token"], "<=", 80.0,
                 f"{cur['bytes_per_token']:.1f} B/token (|ΔKL| mean {cur['kl_abs_mean']:.1e}); "
@@ -1085,7 +1552,8 @@ def run_all(cfg: MolConfig, *, quick: bool = False, workdir: Optional[Path] = No
     ]
     enter("")
     meta["seconds"] = time.time() - t_start
-    return {"meta": meta, "figures": figures, "storage": storage,
+    assert [f["id"] for f in figures] == list(FIGURE_IDS)
+    return {"meta": meta, "figures": figures, "storage": storage, "zstd_levels": zstd, "stage1_at_scale": at_scale,
             "scaling": {"loss_path": loss_scaling, "step_ratio": step_scaling}}
 
 
@@ -1131,6 +1599,14 @@ def to_markdown(res: dict, command: str) -> str:
     lines.append(f"Smallest variant with mean |ΔKL| ≤ 1e-3: **{b['name']}**, {b['bytes_per_token']:.1f} bytes/token"
                  f" ({'meets' if st['meets_both'] else 'misses'} the 80-byte goal)." if b else
                  "No variant keeps mean |ΔKL| ≤ 1e-3.")
+    if st.get("builder_check_identical") is not None:
+        lines.append("")
+        lines.append("Every variant is the current table with its teacher columns replaced; replacing them with the "
+                     "current encoding through that path gives "
+                     + ("the same file, byte for byte." if st["builder_check_identical"] else
+                        f"**a different file** ({st['builder_check_bytes']} bytes vs {st['variants'][0]['bytes']})."))
+    lines += zstd_markdown(res["zstd_levels"])
+    lines += stage1_at_scale_markdown(res["stage1_at_scale"])
     mib = 1 / 2**20
     lines += ["", "## Loss path: chunked (the trainer's) vs naive full logits (synthetic, hidden "
               f"{m['sizes']['loss_hidden']}, gradient to the hidden states)", "",
@@ -1154,6 +1630,63 @@ def to_markdown(res: dict, command: str) -> str:
     for r in res["scaling"]["step_ratio"]:
         lines.append(f"| {r['seq_len']} | {r['ce_s']:.2f} | {r['mol_s']:.2f} | {r['ratio']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def zstd_markdown(z: dict) -> list[str]:
+    """The zstd table: bytes/token and single-thread writer tokens/s per level, the default marked."""
+    lines = ["", f"## zstd level ({z['shards']} shards of the cache, {z['tokens']} tokens, real labels; "
+             "mol.cache's encoding; writer = C.shard_table + C.write_shard on one thread)", "",
+             f"Default level {z['default_level']}: the rewritten shards are "
+             + ("the cache's own files, byte for byte" if z["reproduces_cache_bytes"] else
+                "**not** the cache's own files (see bench.json)")
+             + f"; the cache's manifest says {z['cache_manifest_bytes_per_token']:.1f} bytes/token.", "",
+             "| zstd level | bytes/token | bytes vs default | writer tokens/s | speed vs default |",
+             "|---:|---:|---:|---:|---:|"]
+    for r in z["levels"]:
+        lv = f"**{r['level']} (default)**" if r["default"] else str(r["level"])
+        lines.append(f"| {lv} | {r['bytes_per_token']:.1f} | {r['bytes_vs_default']:.3f} |"
+                     f" {r['writer_tokens_per_s']:,.0f} | {r['speed_vs_default']:.2f} |")
+    return lines
+
+
+_SPLIT_ORDER = ("prepare (tokenizer, fingerprints)", "packer: read + render + tokenize + pack (_fill)",
+                "tokenize", "render (record_to_text)", "packer state (resume record)",
+                "main: waiting for packed groups (queue get)", "main: teacher stub",
+                "main: shard data (_shard_data: encode + resume record)", "encode_labels", "residual stats",
+                "main: submit (waits for a free writer slot)", "writer: shard_table",
+                "writer: write_shard (Parquet encode + zstd + write + fsync)",
+                "finalize unit (checksums, card, manifest)", "set manifest")
+
+
+def stage1_at_scale_markdown(a: dict) -> list[str]:
+    """The stub-teacher pass: where its time goes, and its peak memory at N and 10N tokens."""
+    p, rss = a["pipeline"], a["rss"]
+    mib = 1 / 2**20
+    lines = ["", f"## Stage 1 at scale: the whole pass with an instant stub teacher ({p['tokens']} tokens, "
+             f"{p['records']} synthetic text records, {p['max_seq_len']}-token sequences, {p['rows_per_shard']} "
+             f"rows/shard, {p['writer_threads']} writer threads, zstd {p['zstd_level']})", "",
+             f"{p['tokens_per_s']:,.0f} tokens/s over the whole pass ({p['wall_s']:.1f} s, {p['shards']} shards, "
+             f"{p['bytes_per_token']:.1f} bytes/token, {p['cpu_s'] / p['wall_s']:.2f} cores busy on average)"
+             + (f"; {p['loop_tokens_per_s']:,.0f} tokens/s from the first shard to the last"
+                if p.get("loop_tokens_per_s") else "") + ".", "",
+             "Where the time goes: wall and CPU seconds summed over calls (threads overlap, so the wall column "
+             "adds up to more than the pass). Nested rows (tokenize, render in the packer's _fill; encode_labels "
+             "and residual stats in _shard_data) are part of the row above them.", "",
+             "| part | thread | calls | wall s | CPU s | share of the pass's wall |", "|---|---|---:|---:|---:|---:|"]
+    split = p.get("split", {})
+    for name in list(_SPLIT_ORDER) + [n for n in split if n not in _SPLIT_ORDER]:
+        if name in split:
+            x = split[name]
+            lines.append(f"| {name} | {', '.join(x['threads'])} | {x['calls']} | {x['wall_s']:.2f} | {x['cpu_s']:.2f} |"
+                         f" {x['wall_s'] / p['wall_s']:.2f} |")
+    lines += ["", "Peak memory of the same pass (uninstrumented) in a fresh child process: the high-water RSS "
+              "during the pass, and the pass's own part (minus the RSS before it).", "",
+              "| tokens | records | seconds | tokens/s | peak RSS MiB | the pass's own MiB |", "|---:|---:|---:|---:|---:|---:|"]
+    for key in ("1x", "10x"):
+        r = rss[key]
+        lines.append(f"| {r['tokens']} | {r['records']} | {r['wall_s']:.1f} | {r['tokens_per_s']:,.0f} |"
+                     f" {r['high_water_bytes'] * mib:.0f} | {r['peak_bytes'] * mib:.0f} |")
+    return lines
 
 
 def json_safe(obj):

@@ -66,7 +66,7 @@ import logging
 import math
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -249,8 +249,9 @@ _BYTE_STREAM_SPLIT = {
 }
 
 
-def write_shard(path: Path, table: pa.Table, zstd_level: int) -> None:
-    """Write to a temp name, fsync, rename: a shard that exists under its final name is complete."""
+def write_shard(path: Path, table: pa.Table, zstd_level: int, before_rename=None) -> None:
+    """Write to a temp name, fsync, rename: a shard that exists under its final name is complete.
+    `before_rename()` (the writer's ordering) may return False: then the temp file is dropped."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         pq.write_table(table, tmp, compression="zstd", compression_level=zstd_level,
@@ -258,6 +259,9 @@ def write_shard(path: Path, table: pa.Table, zstd_level: int) -> None:
                        column_encoding=_BYTE_STREAM_SPLIT)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        if before_rename is not None and not before_rename():
+            tmp.unlink(missing_ok=True)
+            return
         os.replace(tmp, path)
     except OSError as e:  # a full disk, a lost mount...: pyarrow's errors are OSErrors too
         tmp.unlink(missing_ok=True)
@@ -269,26 +273,35 @@ class ShardWriter:
     """Builds, compresses, fsyncs and renames shards on background threads, so the teacher never
     waits on the disk (zstd and Parquet encoding release the GIL).
 
-    At most `threads + 1` shards are in flight (bounded memory); `submit` blocks beyond that. The
-    first error is re-raised by the next `submit` or by `close`, and shards queued after it are not
-    written, so a failure leaves the shards before it and nothing after.
+    Shards are compressed in parallel but renamed in submission order, so what a crash leaves under
+    final names is always a prefix (the resume point is the last of them). At most `threads + 1`
+    shards are in flight (bounded memory); `submit` blocks beyond that. The first error is re-raised
+    by the next `submit` or by `close`, and no shard after it is renamed: a failure leaves the
+    shards before it and nothing after.
     """
 
     def __init__(self, k: int, vocab_size: int, zstd_level: int, threads: int):
         self.k, self.vocab_size, self.zstd_level = k, vocab_size, zstd_level
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="mol-shard-writer")
         self._slots = threading.BoundedSemaphore(max(1, threads) + 1)
-        self._futures: list[Future] = []
         self._error: BaseException | None = None
+        self._last = threading.Event()
+        self._last.set()
 
-    def _write(self, path: Path, data: ShardData) -> None:
+    def _write(self, path: Path, data: ShardData, prev: threading.Event, mine: threading.Event) -> None:
+        def in_order() -> bool:
+            prev.wait()
+            return self._error is None
+
         try:
             if self._error is None:
-                write_shard(path, shard_table(data, self.k, self.vocab_size), self.zstd_level)
+                write_shard(path, shard_table(data, self.k, self.vocab_size), self.zstd_level, in_order)
         except BaseException as e:
+            prev.wait()  # the first error in submission order is the one reported
             if self._error is None:
                 self._error = e
         finally:
+            mine.set()
             self._slots.release()
 
     def _raise(self) -> None:
@@ -298,8 +311,8 @@ class ShardWriter:
     def submit(self, path: Path, data: ShardData) -> None:
         self._raise()
         self._slots.acquire()
-        self._futures.append(self._pool.submit(self._write, path, data))
-        self._futures = [f for f in self._futures if not f.done()]
+        prev, self._last = self._last, threading.Event()
+        self._pool.submit(self._write, path, data, prev, self._last)
 
     def close(self) -> None:
         """Wait for every queued shard; re-raise the first error."""

@@ -354,7 +354,7 @@ def _label_segment(cfg: MolConfig, unit: C.ResolvedUnit, segment: Segment, label
         p.unlink(missing_ok=True)
     part, last = _segment_progress(unit, segment.index)
     if last is not None and last["end"]:
-        return 0, False
+        return 0, True  # written by an earlier pass that stopped before the unit's manifest
     packer = SegmentPacker(unit.source, cfg.data, tokenizer, cfg.model.chat_template_kwargs, segment,
                            C.effective_caps(unit.source, cfg), None if last is None else last["state"])
     groups: queue.Queue = queue.Queue(maxsize=2)

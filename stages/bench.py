@@ -18,12 +18,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mol.bench import FIGURE_IDS, json_safe, run_all, to_markdown
+from mol.bench import FIGURE_IDS, SECTIONS, json_safe, run_all, to_markdown
 from mol.cache import CacheError
 from mol.config import ConfigError, load_config
 from stages._cli import setup_logging, token_bar
 
-_SECTIONS = 9
+_SECTIONS = len(SECTIONS)
 
 
 def main(argv=None) -> int:

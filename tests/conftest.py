@@ -77,3 +77,10 @@ def tiny_config(model_dir: Path, corpora: dict, cache_root: Path, **over) -> dic
     for k, v in over.items():
         cfg.setdefault(k, {}).update(v)
     return cfg
+
+
+def cache_shards(cache_dir: Path) -> list[Path]:
+    """Every shard of a config's cache (its set folder), units in order."""
+    m = json.loads((Path(cache_dir) / "manifest.json").read_text())
+    root = Path(cache_dir).parent.parent
+    return [p for u in m["units"] for p in sorted((root / u["dir"]).glob("shard-*.parquet"))]

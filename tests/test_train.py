@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import cache_shards, tiny_config
 from mol import cache as C
 from mol.batching import subset_losses
 from mol.cache import CacheError
@@ -134,7 +134,7 @@ def test_mismatched_or_missing_cache_is_refused(cache_ready, tmp_path):
 
 def test_corrupt_cache_is_refused(cache_ready):
     cache_dir = C.resolve_cache_key(load_config(data=cache_ready)).cache_dir
-    shard = sorted(cache_dir.glob("shard-*.parquet"))[0]
+    shard = cache_shards(cache_dir)[0]
     data = bytearray(shard.read_bytes())
     data[100] ^= 1
     shard.write_bytes(bytes(data))
