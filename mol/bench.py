@@ -12,6 +12,7 @@ writes ``bench.json`` and ``bench.md``. Children run :func:`_child_entry` (see :
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -743,11 +744,13 @@ def make_stub_teacher(pool: dict, max_len: int) -> Callable[[list], list]:
 
 
 class _Timers:
-    """Wall and thread-CPU seconds per named function, summed over calls and threads."""
+    """Wall and thread-CPU seconds per named function, summed over calls and threads; also which
+    OS thread id belongs to which Python thread (for _ThreadCPU)."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.acc: dict = defaultdict(lambda: {"wall_s": 0.0, "cpu_s": 0.0, "calls": 0, "threads": set()})
+        self.tids: dict[int, str] = {threading.get_native_id(): threading.current_thread().name}
 
     def wrap(self, name: str, fn: Callable) -> Callable:
         def timed(*a, **kw):
@@ -757,6 +760,7 @@ class _Timers:
             finally:
                 dt, dc = time.perf_counter() - t0, time.thread_time() - c0
                 with self.lock:
+                    self.tids[threading.get_native_id()] = threading.current_thread().name
                     x = self.acc[name]
                     x["wall_s"] += dt
                     x["cpu_s"] += dc
@@ -769,6 +773,75 @@ class _Timers:
 
     def report(self) -> dict:
         return {k: {**v, "threads": sorted(v["threads"])} for k, v in self.acc.items()}
+
+
+def _machine_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+    return sum(v[:8]) - idle, sum(v[:8])
+
+
+class _ThreadCPU:
+    """CPU seconds of every thread of this process, sampled from /proc/self/task every `interval`
+    seconds (the last sample of a thread that exits is kept), and the machine's busy cores meanwhile.
+
+    Native pool threads (the tokenizer's Rayon workers, Arrow's) are seen too, which the calling
+    thread's thread_time() never is."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval, self.ticks, self.comm = interval, {}, {}
+        self.hz = os.sysconf("SC_CLK_TCK")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-cpu-sampler", daemon=True)
+
+    def _sample(self) -> None:
+        me = threading.get_native_id()
+        for d in os.scandir("/proc/self/task"):
+            tid = int(d.name)
+            if tid == me:
+                continue
+            try:
+                with open(f"/proc/self/task/{tid}/stat") as f:
+                    stat = f.read()
+            except OSError:  # exited meanwhile
+                continue
+            rest = stat[stat.rindex(")") + 2:].split()
+            self.ticks[tid] = int(rest[11]) + int(rest[12])  # utime + stime (fields 14 and 15)
+            self.comm.setdefault(tid, stat[stat.index("(") + 1:stat.rindex(")")])
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self):
+        self._sample()
+        self.start_ticks = dict(self.ticks)
+        self.t0, self.machine0 = time.perf_counter(), _machine_ticks()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        self.wall = time.perf_counter() - self.t0
+        busy, total = _machine_ticks()
+        self.machine_busy_cores = (busy - self.machine0[0]) / max(total - self.machine0[1], 1) * (os.cpu_count() or 1)
+
+    def report(self, names: dict[int, str]) -> dict:
+        """CPU seconds per thread group: Python threads by name (numbered suffixes merged), native
+        threads by their OS name; plus this process's and the machine's busy cores."""
+        out: dict = defaultdict(float)
+        for tid, t in self.ticks.items():
+            name = names.get(tid)
+            name = name.split("_")[0] if name else f"native thread '{self.comm.get(tid, '?')}'"
+            out[name] += (t - self.start_ticks.get(tid, 0)) / self.hz
+        mine = sum(out.values())
+        return {"threads_cpu_s": dict(sorted(out.items(), key=lambda kv: -kv[1])), "process_cpu_s": mine,
+                "process_busy_cores": mine / self.wall, "machine_busy_cores": self.machine_busy_cores,
+                "others_busy_cores": max(self.machine_busy_cores - mine / self.wall, 0.0), "cores": os.cpu_count()}
 
 
 class _TimedTokenizer:
@@ -838,10 +911,12 @@ def _stage1_pipeline_child(config: dict, pool: str, instrument: bool = False):
 
     def run() -> dict:
         marks = []
+        sampler = _ThreadCPU() if timers is not None else contextlib.nullcontext()
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
-        cache_dir, status = teacher.run_teacher_pass(
-            cfg, make_bar=lambda total, desc: (lambda n: marks.append((time.perf_counter(), n))))
+        with sampler:
+            cache_dir, status = teacher.run_teacher_pass(
+                cfg, make_bar=lambda total, desc: (lambda n: marks.append((time.perf_counter(), n))))
         wall = time.perf_counter() - t0
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
         cache = C.TeacherCache(cache_dir)
@@ -861,6 +936,7 @@ def _stage1_pipeline_child(config: dict, pool: str, instrument: bool = False):
                "max_seq_len": cfg.data.max_seq_len, "threads_at_end": threading.active_count()}
         if timers is not None:
             out["split"] = timers.report()
+            out["cpu"] = sampler.report(timers.tids)
         return out
 
     return run
@@ -1679,6 +1755,16 @@ def stage1_at_scale_markdown(a: dict) -> list[str]:
             x = split[name]
             lines.append(f"| {name} | {', '.join(x['threads'])} | {x['calls']} | {x['wall_s']:.2f} | {x['cpu_s']:.2f} |"
                          f" {x['wall_s'] / p['wall_s']:.2f} |")
+    cpu = p.get("cpu")
+    if cpu:
+        lines += ["", f"CPU by thread, sampled from /proc/self/task: the pass kept {cpu['process_busy_cores']:.2f} of "
+                  f"the {cpu['cores']} cores busy; the machine as a whole was {cpu['machine_busy_cores']:.2f} cores busy "
+                  f"meanwhile ({cpu['others_busy_cores']:.2f} by other processes). CPU µs per token bound the rate a "
+                  "thread allows on a core of its own.", "",
+                  "| thread | CPU s | CPU µs/token |", "|---|---:|---:|"]
+        for name, sec in cpu["threads_cpu_s"].items():
+            lines.append(f"| {name} | {sec:.2f} | {1e6 * sec / p['tokens']:.2f} |")
+        lines.append(f"| all | {cpu['process_cpu_s']:.2f} | {1e6 * cpu['process_cpu_s'] / p['tokens']:.2f} |")
     lines += ["", "Peak memory of the same pass (uninstrumented) in a fresh child process: the high-water RSS "
               "during the pass, and the pass's own part (minus the RSS before it).", "",
               "| tokens | records | seconds | tokens/s | peak RSS MiB | the pass's own MiB |", "|---:|---:|---:|---:|---:|---:|"]

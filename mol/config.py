@@ -1,8 +1,9 @@
 """Typed run configuration: YAML file + `key=value` overrides, checked before any work.
 
-One `MolConfig` drives both stages. Stage 1 reads `model`, `data` and `teacher`; the cache is keyed
-by a fingerprint of exactly those, so Stage 2 runs that differ only in `train` (α, ratio, lr...)
-share one cache.
+One `MolConfig` drives both stages. Stage 1 reads `model`, `data` and `teacher`; each source's cache
+unit is keyed by a fingerprint of exactly what its labels depend on (mol.cache.unit_key), so Stage 2
+runs that differ only in `train` (α, ratio, lr...) share one cache, and configs that share a source
+share its unit.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
-"""Stage 1: run the base model once over the corpora and cache its top-k soft labels.
+"""Stage 1: run the base model once over the corpora and cache its top-k soft labels, one cache
+unit per source (units another config already built are reused, not labelled again).
 
     python -m stages.teacher_cache data/default.yaml [key=value ...]
 
-Sharded over N processes (one per GPU or node; each resumes on its own):
+Sharded over N processes (one per GPU or node; each resumes on its own; the (unit, segment) items
+are dealt out j % N, so a large source is split between workers):
     python -m stages.teacher_cache CONFIG teacher.num_workers=N teacher.worker_index=I   # I = 0..N-1
     python -m stages.teacher_cache CONFIG teacher.num_workers=N --finalize               # once, after all
 """

@@ -345,3 +345,20 @@ def test_a_copied_unit_is_used_after_its_checks_and_refused_for_another_model(bu
     mf.write_text(json.dumps(um))
     with pytest.raises(C.CacheError, match="model_fingerprint 000000000000 != this run's"):
         run_teacher_pass(load_config(data=tiny_config(tiny_model_dir, corpora, root2)))
+
+
+def test_a_single_pass_and_a_sharded_worker_exclude_each_other(tiny_model_dir, corpora, tmp_path):
+    cfg = load_config(data=tiny_config(tiny_model_dir, corpora, tmp_path / "c"))
+    set_dir = C.resolve_cache_key(cfg).cache_dir
+    with cache_lock(set_dir, worker=1, shared=True):  # a running worker of a sharded pass
+        with pytest.raises(C.CacheError, match="another teacher pass is writing this cache"):
+            run_teacher_pass(cfg)
+        with cache_lock(set_dir, worker=0, shared=True):  # another worker is fine
+            pass
+        with pytest.raises(C.CacheError, match="another process as worker 1"):
+            with cache_lock(set_dir, worker=1, shared=True):
+                pass
+    with cache_lock(set_dir):  # a single pass (or a finalize) running: a worker is refused
+        with pytest.raises(C.CacheError, match="a single \\(unsharded\\) pass or a finalize"):
+            run_teacher_pass(load_config(data=tiny_config(tiny_model_dir, corpora, tmp_path / "c",
+                                                          teacher={"num_workers": 2, "worker_index": 0})))
