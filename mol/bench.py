@@ -6,6 +6,11 @@ every variant alike), median against median. Peak memory is measured per variant
 child process: the kernel's RSS high-water mark is reset right before the work (so imports and
 model loading never count), and the figure is ``ru_maxrss`` after the work minus the RSS before.
 
+One figure is absolute by design: the whole Stage 1 pipeline's tokens/s with an instant stub
+teacher (:func:`stage1_pipeline`), the rate Stage 1 must sustain to keep up with a GPU teacher.
+Its report says how busy the machine was meanwhile (other processes' cores, from /proc/stat) and
+where the CPU went per thread, so a slow run on a shared machine can be told from a slow pipeline.
+
 :func:`run_all` runs everything and returns one JSON-able dict; ``stages/bench.py`` prints it and
 writes ``bench.json`` and ``bench.md``. Children run :func:`_child_entry` (see :func:`run_children`).
 """
@@ -585,13 +590,14 @@ def shard_data(rows: list[dict], labels: Optional[list[tuple]], vocab: int, *, s
     return d
 
 
-def write_table(d: C.ShardData, path: Path, k: int, vocab: int, zstd_level: int) -> None:
+def write_table(d: C.ShardData, path: Path, k: int, vocab: int, zstd_level: int,
+                row_group_rows: Optional[int] = None) -> None:
     """What a writer thread does with one shard: build the Arrow table, then compress, write, fsync, rename."""
-    C.write_shard(path, C.shard_table(d, k, vocab), zstd_level)
+    C.write_shard(path, C.shard_table(d, k, vocab), zstd_level, row_group_rows=row_group_rows)
 
 
 def bench_stage1(model, tokenizer, rows: list[dict], k: int, chunk: int, zstd_level: int, vocab: int,
-                 workdir: Path, sz: BenchSizes, writer_threads: int = 2) -> dict:
+                 workdir: Path, sz: BenchSizes, writer_threads: int = 2, row_group_rows: Optional[int] = None) -> dict:
     """Stage 1's per-shard work against a bare forward pass of the same batch.
 
     Stage 1 side, as the pass runs it: teacher_labels, then C.encode_labels + C.ShardData (+ the
@@ -604,7 +610,7 @@ def bench_stage1(model, tokenizer, rows: list[dict], k: int, chunk: int, zstd_le
     device = next(model.parameters()).device
     seqs = [np.asarray(r[C.INPUT_IDS]) for r in rows]
     x = torch.as_tensor(np.stack(seqs).astype(np.int64), device=device)
-    writer = C.ShardWriter(k, vocab, zstd_level, writer_threads)
+    writer = C.ShardWriter(k, vocab, zstd_level, writer_threads, row_group_rows)
     part, last = [0], {}
 
     @torch.no_grad()
@@ -632,7 +638,7 @@ def bench_stage1(model, tokenizer, rows: list[dict], k: int, chunk: int, zstd_le
     for i in range(max(sz.reps, 3)):
         path = workdir / f"stage1-write-{i}.parquet"
         t0 = time.perf_counter()
-        write_table(last["data"], path, k, vocab, zstd_level)
+        write_table(last["data"], path, k, vocab, zstd_level, row_group_rows)
         write_s.append(time.perf_counter() - t0)
     for p in list(workdir.glob("shard-00000-*.parquet")) + list(workdir.glob("stage1-write-*.parquet")):
         p.unlink()
@@ -650,60 +656,19 @@ def bench_stage1(model, tokenizer, rows: list[dict], k: int, chunk: int, zstd_le
 
 # --------------------------------------------------------------------------- Stage 1 at scale (stub teacher)
 
-# Common English words, most frequent first: the synthetic corpus draws them Zipf-like, so it
-# tokenizes like prose (about 1.3 tokens a word) without shipping or downloading any text.
-_WORDS = """the of and to in a is that for it as was with be by on not he this are or his from at which
-but have an they you were her she there one all we their been has would when if so more no out up into
-do can said who them some could him time only what other than then its also new two may after about
-first any these over such most people well made through years where between many over state even
-because both each under use during world city year while part several being known those same until
-own before later area water however life found system since called high three small large school
-long family number early group used work government another order public national around day name
-house against great second without general important country important century place age power end
-left often form among following war water body blood heart cell disease patient treatment study
-drug clinical risk cancer children health medical hospital doctor therapy symptoms infection pain
-brain muscle bone skin liver kidney lung protein gene virus bacteria dose response effect results
-river town market square cathedral harbour boats morning evening light road bridge village north
-south east west island mountain forest field garden history music language story book letter""".split()
-_SYNTH_RECORD_WORDS = (60, 420)
+def synthetic_corpus(path: Path, tokens: int, tokenizer, seed: int = 0) -> int:
+    """mol.synthetic.write_corpus at about `tokens` tokens of this tokenizer (EOS included):
+    write_corpus sizes by words, so its words-to-tokens rate is measured on a 50k-token sample
+    first. Returns the records written."""
+    from .synthetic import write_corpus
 
-
-def synthetic_corpus(path: Path, n_records: int, seed: int = 0) -> int:
-    """A deterministic JSONL file of `n_records` general text records ({"text": ...}), prose-like:
-    Zipf-drawn common words in sentences of 6-24 words, an occasional number. The first n
-    records do not depend on n_records. Returns the file's bytes."""
-    rng = np.random.default_rng(seed)
-    words = np.array(_WORDS, dtype=object)
-    p = 1.0 / (np.arange(len(words)) + 2.7)
-    p /= p.sum()
-    lo, hi = _SYNTH_RECORD_WORDS
-    with open(path, "w") as f:
-        for i in range(n_records):
-            n = int(rng.integers(lo, hi))
-            w = words[rng.choice(len(words), size=n, p=p)]
-            cuts = np.cumsum(rng.integers(6, 25, size=n // 6 + 2))
-            nums = rng.random(n) < 0.02
-            out, start = [], 0
-            for c in cuts:
-                if start >= n:
-                    break
-                s = [str(int(v)) if isnum else t for t, isnum, v in
-                     zip(w[start:c], nums[start:c], rng.integers(2, 2000, size=len(w[start:c])))]
-                out.append(s[0].capitalize() + (" " + " ".join(s[1:]) if len(s) > 1 else "") + ".")
-                start = c
-            f.write(json.dumps({"text": " ".join(out)}) + "\n")
-    return path.stat().st_size
-
-
-def synthetic_corpus_records(tokenizer, tokens: int, sample: int = 200) -> tuple[int, float]:
-    """(records, tokens per record) so that the synthetic corpus holds about `tokens` tokens
-    (with EOS), from the tokenizer's count over its first `sample` records."""
     with tempfile.TemporaryDirectory(prefix="mol-bench-synth-") as tmp:
-        p = Path(tmp) / "sample.jsonl"
-        synthetic_corpus(p, sample)
-        texts = [json.loads(line)["text"] for line in p.read_text().splitlines()]
-    per = float(np.mean([len(x) + 1 for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]))
-    return max(1, math.ceil(tokens / per)), per
+        sample = write_corpus(Path(tmp) / "sample.jsonl", 50_000, seed=seed)
+        texts = [json.loads(line)["text"] for line in sample.read_text().splitlines()]
+    got = sum(len(x) + 1 for x in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    write_corpus(path, max(1, round(tokens * 50_000 / got)), seed=seed)
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
 
 
 def stub_labels(cache: C.TeacherCache) -> dict:
@@ -953,13 +918,11 @@ def stage1_pipeline(cfg: MolConfig, model_path: Path, tokenizer, cache: C.Teache
     pool = root / "stub-labels.npz"
     labels = stub_labels(cache)
     np.savez(pool, **labels)
-    _, per = synthetic_corpus_records(tokenizer, 1)
     runs = {"pipeline": sz.pipeline_tokens, "rss_1x": sz.rss_tokens, "rss_10x": 10 * sz.rss_tokens}
     files = {}
     for name, tokens in runs.items():
-        n = max(1, math.ceil(tokens / per))
-        files[name] = (root / f"{name}.jsonl", n)
-        synthetic_corpus(files[name][0], n)
+        path = root / f"{name}.jsonl"
+        files[name] = (path, synthetic_corpus(path, tokens, tokenizer))
 
     def spec(name: str, instrument: bool) -> dict:
         conf = stage1_pipeline_config(cfg, model_path, files[name][0], root / f"cache-{name}",
@@ -989,7 +952,7 @@ def stage1_pipeline(cfg: MolConfig, model_path: Path, tokenizer, cache: C.Teache
                                       "ratio": big["high_water_bytes"] / small["high_water_bytes"],
                                       "own_ratio": big["peak_bytes"] / max(small["peak_bytes"], 1),
                                       "tokens_ratio": big["tokens"] / max(small["tokens"], 1)},
-            "tokens_per_record": per, "stub_pool_positions": len(labels["resid"])}
+            "corpus": "mol.synthetic.write_corpus", "stub_pool_positions": len(labels["resid"])}
 
 
 _CHILD_SETUPS: dict[str, Callable[..., Callable[[], Any]]] = {
@@ -999,10 +962,13 @@ _CHILD_SETUPS: dict[str, Callable[..., Callable[[], Any]]] = {
 # --------------------------------------------------------------------------- zstd levels
 
 
-def shard_from_file(path: Path, unit: C.CacheUnit, vocab: int) -> tuple[C.ShardData, bool]:
+def shard_from_file(path: Path, unit: C.CacheUnit, vocab: int) -> tuple[C.ShardData, bool, Optional[int]]:
     """One cache shard back as the ShardData Stage 1 built for it: its rows, its labels decoded and
-    re-encoded by C.encode_labels, its resume metadata. Also whether the re-encoding gave the stored codes."""
-    t = pq.read_table(path).combine_chunks()
+    re-encoded by C.encode_labels, its resume metadata. Also whether the re-encoding gave the stored
+    codes, and the rows per row group it was written with (None: one row group)."""
+    pf = pq.ParquetFile(path)
+    rg = pf.metadata.row_group(0).num_rows if pf.metadata.num_row_groups > 1 else None
+    t = pf.read().combine_chunks()
     col = t.column(C.INPUT_IDS)
     col = col.chunk(0) if col.num_chunks else pa.array([], col.type)
     off = col.offsets.to_numpy().astype(np.int64)
@@ -1025,9 +991,9 @@ def shard_from_file(path: Path, unit: C.CacheUnit, vocab: int) -> tuple[C.ShardD
                                                                C.decode_residual(rc), vocab)
         exact = (np.array_equal(d.topk_ids, gaps) and np.array_equal(d.topk_probs, pc)
                  and np.array_equal(d.residual, rc))
-    md = pq.read_schema(path).metadata or {}
+    md = pf.schema_arrow.metadata or {}
     d.metadata = {C.RESUME_KEY: md[C.RESUME_KEY]} if C.RESUME_KEY in md else {}
-    return d, exact
+    return d, exact, rg
 
 
 def zstd_levels_study(cache: C.TeacherCache, vocab: int, levels: tuple, default_level: int, workdir: Path,
@@ -1039,8 +1005,8 @@ def zstd_levels_study(cache: C.TeacherCache, vocab: int, levels: tuple, default_
     shards, exact = [], True
     for u in cache.units:
         for s in u.manifest["shards"]:
-            d, ok = shard_from_file(u.path / s["file"], u, vocab)
-            shards.append((u, s, d))
+            d, ok, rg = shard_from_file(u.path / s["file"], u, vocab)
+            shards.append((rg, s, d))
             exact &= ok
     tokens = sum(d.tokens for _, _, d in shards)
     levels = tuple(sorted(set(levels) | {default_level}))
@@ -1049,8 +1015,8 @@ def zstd_levels_study(cache: C.TeacherCache, vocab: int, levels: tuple, default_
 
     def task(level):
         def run():
-            for i, (_, _, d) in enumerate(shards):
-                write_table(d, out_dir / f"l{level:02d}-{i:05d}.parquet", cache.k, vocab, level)
+            for i, (rg, _, d) in enumerate(shards):
+                write_table(d, out_dir / f"l{level:02d}-{i:05d}.parquet", cache.k, vocab, level, rg)
         return run
 
     t = interleaved({f"zstd {lv}": task(lv) for lv in levels}, sz.reps, sz.warmup)
@@ -1500,7 +1466,7 @@ def run_all(cfg: MolConfig, *, quick: bool = False, workdir: Optional[Path] = No
                      if train_seqs.tok_off[i + 1] - train_seqs.tok_off[i] == full_len]
         s1_rows = full_rows[:cfg.teacher.batch_size]
         stage1 = bench_stage1(teacher, tokenizer, s1_rows, k, cfg.teacher.chunk_positions, cfg.teacher.zstd_level,
-                              vocab, workdir, sz, cfg.teacher.writer_threads)
+                              vocab, workdir, sz, cfg.teacher.writer_threads, C.row_group_rows(cfg))
         log.info("stage 1: %.3f of a bare forward (labels only %.3f)", stage1["ratio"], stage1["ratio_labels_only"])
 
         enter("storage variants")

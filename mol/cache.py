@@ -249,14 +249,14 @@ _BYTE_STREAM_SPLIT = {
 }
 
 
-def write_shard(path: Path, table: pa.Table, zstd_level: int, before_rename=None) -> None:
+def write_shard(path: Path, table: pa.Table, zstd_level: int, before_rename=None, row_group_rows: int | None = None) -> None:
     """Write to a temp name, fsync, rename: a shard that exists under its final name is complete.
     `before_rename()` (the writer's ordering) may return False: then the temp file is dropped."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         pq.write_table(table, tmp, compression="zstd", compression_level=zstd_level,
                        use_dictionary=[CORPUS, SUBSET, SPLIT], write_statistics=[SEQ_ID],
-                       column_encoding=_BYTE_STREAM_SPLIT)
+                       column_encoding=_BYTE_STREAM_SPLIT, row_group_size=row_group_rows)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         if before_rename is not None and not before_rename():
@@ -280,8 +280,8 @@ class ShardWriter:
     shards before it and nothing after.
     """
 
-    def __init__(self, k: int, vocab_size: int, zstd_level: int, threads: int):
-        self.k, self.vocab_size, self.zstd_level = k, vocab_size, zstd_level
+    def __init__(self, k: int, vocab_size: int, zstd_level: int, threads: int, row_group_rows: int | None = None):
+        self.k, self.vocab_size, self.zstd_level, self.row_group_rows = k, vocab_size, zstd_level, row_group_rows
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="mol-shard-writer")
         self._slots = threading.BoundedSemaphore(max(1, threads) + 1)
         self._error: BaseException | None = None
@@ -295,7 +295,8 @@ class ShardWriter:
 
         try:
             if self._error is None:
-                write_shard(path, shard_table(data, self.k, self.vocab_size), self.zstd_level, in_order)
+                write_shard(path, shard_table(data, self.k, self.vocab_size), self.zstd_level, in_order,
+                            self.row_group_rows)
         except BaseException as e:
             prev.wait()  # the first error in submission order is the one reported
             if self._error is None:
@@ -371,6 +372,10 @@ def unit_key(cfg: MolConfig, src: SourceConfig, *, model_fp: str, tokenizer_fp: 
         "source": {"corpus": src.corpus, "subset": src.subset, "format": source_format, "sha256": source_fp,
                    **effective_caps(src, cfg)},
     }
+
+
+def row_group_rows(cfg: MolConfig) -> int:
+    return max(1, cfg.teacher.row_group_tokens // cfg.data.max_seq_len)
 
 
 def fingerprint(key) -> str:

@@ -149,6 +149,9 @@ class TeacherConfig:
     """Sequences per Parquet shard (the unit of resume)."""
     zstd_level: int = 6
     """zstd compression level of the shards (README: bytes/token against writer tokens/s per level)."""
+    row_group_tokens: int = 16384
+    """Parquet row groups of max(1, row_group_tokens // data.max_seq_len) sequences: the unit Stage 2's
+    streaming reader decodes, so a DDP rank reads little beyond its own sequences (2 at 8192 tokens)."""
     writer_threads: int = 2
     """Background threads that encode, compress and write shards while the teacher labels the next
     ones (zstd releases the GIL); at most writer_threads + 1 shards are held in memory."""
@@ -169,7 +172,7 @@ class TeacherConfig:
             out.append(f"teacher.num_workers must be >= 1, got {self.num_workers}")
         elif not 0 <= self.worker_index < self.num_workers:
             out.append(f"teacher.worker_index must be in [0, {self.num_workers}), got {self.worker_index}")
-        for name in ("top_k", "batch_size", "chunk_positions", "rows_per_shard", "writer_threads"):
+        for name in ("top_k", "batch_size", "chunk_positions", "rows_per_shard", "writer_threads", "row_group_tokens"):
             if getattr(self, name) < 1:
                 out.append(f"teacher.{name} must be >= 1, got {getattr(self, name)}")
         if not 1 <= self.zstd_level <= 22:
@@ -260,6 +263,9 @@ class TrainConfig:
     """Also save the adapter merged into the base weights."""
     cache_dir: Optional[str] = None
     """Use this teacher cache folder instead of the one the config's fingerprint names."""
+    reader_cache_mb: int = 256
+    """Decoded row groups kept in memory per split by the streaming reader (per process); the
+    training data is never loaded whole, so memory does not grow with the corpus."""
 
     def validate(self) -> list[str]:
         out = []
@@ -282,6 +288,8 @@ class TrainConfig:
             out.append(f"train.max_steps must be >= 1, got {self.max_steps}")
         if self.grad_probe_sequences < 0:
             out.append(f"train.grad_probe_sequences must be >= 0, got {self.grad_probe_sequences}")
+        if self.reader_cache_mb < 1:
+            out.append(f"train.reader_cache_mb must be >= 1, got {self.reader_cache_mb}")
         if self.loss_chunk < 1:
             out.append(f"train.loss_chunk must be >= 1, got {self.loss_chunk}")
         if self.grad_clip < 0:

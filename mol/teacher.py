@@ -443,7 +443,8 @@ def run_teacher_pass(cfg: MolConfig, make_bar: Optional[MakeBar] = None) -> tupl
     k = cfg.teacher.top_k
 
     def writer():
-        return C.ShardWriter(k, labeller.vocab, cfg.teacher.zstd_level, cfg.teacher.writer_threads)
+        return C.ShardWriter(k, labeller.vocab, cfg.teacher.zstd_level, cfg.teacher.writer_threads,
+                             C.row_group_rows(cfg))
 
     with cache_lock(rk.cache_dir, me if sharded else None, shared=sharded):
         if me == 0:

@@ -24,6 +24,7 @@ from .batching import collate, model_hidden, output_weight, subset_losses
 from .config import MolConfig, dump_config, expand_path
 from .losses import chunked_mol_loss, mol_weights
 from .model import load_model, load_tokenizer, model_fingerprint, pick_device, tokenizer_fingerprint
+from .reader import StreamingSequences
 
 log = logging.getLogger(__name__)
 
@@ -314,9 +315,11 @@ def train(cfg: MolConfig, make_bar: Optional[MakeBar] = None, stop_after: Option
     cache = open_cache(cfg, model_path, tokenizer)
     k = cache.k
 
-    dom = cache.load("train", corpus="domain")
-    gen = cache.load("train", corpus="general")
-    val = cache.load("val")
+    # streamed, not loaded: an index of 8 bytes a sequence and a bounded cache of decoded row groups
+    budget = t.reader_cache_mb << 20
+    dom = StreamingSequences(cache, "train", "domain", max_cache_bytes=budget)
+    gen = StreamingSequences(cache, "train", "general", max_cache_bytes=budget)
+    val = StreamingSequences(cache, "val", max_cache_bytes=budget)
     if t.mode == "mol" and not gen.has_teacher.all():
         raise TrainingError(f"cache {cache.path} lacks teacher labels on general sequences; MoL needs them")
     if t.mode == "mol" and not cache.label_domain:
@@ -402,6 +405,10 @@ def train(cfg: MolConfig, make_bar: Optional[MakeBar] = None, stop_after: Option
             g["lr"] = lr
         items = plan.step_items(step, t.global_batch)
         items = items[procs.rank * per_process:(procs.rank + 1) * per_process]
+        if step + 1 < steps:  # this rank's next step is decoded while this one trains
+            nxt = plan.step_items(step + 1, t.global_batch)[procs.rank * per_process:(procs.rank + 1) * per_process]
+            for c in ("domain", "general"):
+                rows[c].prefetch([i for cc, i in nxt if cc == c])
         agg = {f"{q}/{c}": 0.0 for q in ("ce", "kl") for c in ("domain", "general")}
         cnt = {"domain": 0, "general": 0}
         loss_total, tokens = 0.0, 0
@@ -474,11 +481,15 @@ def train(cfg: MolConfig, make_bar: Optional[MakeBar] = None, stop_after: Option
                 save_checkpoint(run_dir, done, model, opt)
             procs.barrier()
         if stop_after is not None and done >= stop_after and done != steps:
+            for reader in (dom, gen, val):
+                reader.close()
             return run_dir
 
     final_val = validate(steps)
     if tb:
         tb.close()
+    for reader in (dom, gen, val):
+        reader.close()
     if procs.main:
         _save_outputs(cfg, run_dir, model, tokenizer, model_path, cache, steps, last, final_val, time.time() - t0)
     procs.barrier()

@@ -31,6 +31,7 @@ def test_quick_bench_reports_every_figure(tiny_model_dir, tmp_path):
     assert variants[0]["name"].startswith("current mol.cache schema")
     # the variants are written as changes to what mol.cache writes: unchanged, the same bytes
     assert res["storage"]["builder_check_bytes"] == pytest.approx(variants[0]["bytes"], rel=0.01)
+    assert res["storage"]["builder_check_identical"]
     for v in variants:
         assert _finite(v["bytes_per_token"]) and _finite(v["kl_abs_mean"]) and _finite(v["kl_abs_max"]), v
     # the stored labels lose almost nothing (the fidelity column says how much)
@@ -41,11 +42,30 @@ def test_quick_bench_reports_every_figure(tiny_model_dir, tmp_path):
         assert all(_finite(r[k]) for k in ("chunked_s", "naive_s", "chunked_peak_bytes", "naive_peak_bytes",
                                            "memory_ratio", "time_ratio", "mol_over_ce_time")), r
     assert all(_finite(r["ratio"]) for r in res["scaling"]["step_ratio"])
+    # Stage 1 at scale: the whole pass with a stub teacher, its time split, its peak RSS at N and 10N tokens
+    assert {"stage1_pipeline_tokens_per_s", "stage1_rss_10x"} <= set(figs)
+    at = res["stage1_at_scale"]
+    pipe = at["pipeline"]
+    assert pipe["status"] == "built" and pipe["tokens"] > 0 and pipe["shards"] >= 1 and pipe["max_seq_len"] == 2048
+    assert figs["stage1_pipeline_tokens_per_s"]["measured"] == pytest.approx(pipe["tokens"] / pipe["wall_s"])
+    assert {"tokenize", "encode_labels", "writer: write_shard (Parquet encode + zstd + write + fsync)"} <= set(pipe["split"])
+    assert pipe["cpu"]["process_cpu_s"] > 0 and "MainThread" in pipe["cpu"]["threads_cpu_s"]
+    rss = at["rss"]
+    assert 5 < rss["tokens_ratio"] < 20, rss["tokens_ratio"]
+    assert figs["stage1_rss_10x"]["measured"] == pytest.approx(rss["10x"]["high_water_bytes"] / rss["1x"]["high_water_bytes"])
+    # the zstd table: every level, the default marked, and at the default level the cache's own bytes
+    z = res["zstd_levels"]
+    assert [r["level"] for r in z["levels"]] == sorted(set(B.QUICK.zstd_levels) | {6})
+    assert [r["level"] for r in z["levels"] if r["default"]] == [6]
+    assert z["reencode_exact"] and z["reproduces_cache_bytes"]
+    for r in z["levels"]:
+        assert _finite(r["bytes_per_token"]) and _finite(r["writer_tokens_per_s"]) and r["writer_tokens_per_s"] > 0, r
     meta = res["meta"]
     assert meta["machine"]["cpu"] and meta["machine"]["torch"] and meta["date"] and "stages.bench" in meta["command"]
     md = (out / "bench.md").read_text()
     assert "| figure | measured | goal | met? |" in md
     assert all(f["figure"] in md for f in res["figures"])
+    assert "## zstd level" in md and "**6 (default)**" in md and "## Stage 1 at scale" in md
 
 
 def test_naive_loss_is_extrapolated_from_the_two_largest_points():
@@ -88,3 +108,20 @@ def test_storage_variants_round_trip():
         tol = 0.05 if v.probs.startswith("u8") else 2e-3
         np.testing.assert_allclose(np.take_along_axis(d_p, order, 1),
                                    np.take_along_axis(probs, ref_order, 1), rtol=tol, atol=2e-3, err_msg=v.name)
+
+
+def test_stub_teacher_gives_valid_windows_of_the_pool():
+    rng = np.random.default_rng(0)
+    n, k = 7, 3
+    pool = {"ids": rng.integers(0, 100, (n, k)), "probs": rng.random((n, k)).astype(np.float32),
+            "resid": rng.random(n).astype(np.float32)}
+    label = B.make_stub_teacher(pool, max_len=20)
+    out = label([np.zeros(5, np.int32), np.zeros(20, np.int32), np.zeros(2, np.int32)])
+    assert [len(r) for _, _, r in out] == [4, 19, 1]
+    at = 0
+    for ids, probs, resid in out:
+        m = len(resid)
+        want = (at + np.arange(m)) % n
+        assert ids.shape == (m, k) and probs.shape == (m, k)
+        assert np.array_equal(ids, pool["ids"][want]) and np.array_equal(resid, pool["resid"][want])
+        at = (at + m) % n

@@ -1,0 +1,115 @@
+"""Stage 2's streaming reader: a split of a teacher cache, read and decoded a row group at a time.
+
+`TeacherCache.load` holds a whole split in memory (~130 bytes a token at k = 31): right for
+evaluation sets, wrong for the paper's 630M tokens in every DDP rank. `StreamingSequences` keeps
+only an index (where each sequence lives: 8 bytes a sequence) and a bounded cache of decoded row
+groups, filled on demand and ahead of time by a background thread, so peak memory does not depend
+on the corpus and a DDP rank decodes only the row groups that hold its own sequences. Row order is
+TeacherCache.load's (units in config order, shards and rows in file order), so the same DataPlan
+indices name the same sequences either way.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from . import cache as C
+
+
+class StreamingSequences:
+    """One split (optionally one corpus) of a cache: `len`, `row(i)` (the dict `Sequences.row`
+    gives), `prefetch(indices)`, and per-row `corpus`, `subset`, `has_teacher` arrays."""
+
+    def __init__(self, cache: C.TeacherCache, split: str, corpus: str | None = None,
+                 max_cache_bytes: int = 256 << 20, prefetch_threads: int = 1):
+        self.k = cache.k
+        self.max_cache_bytes = max_cache_bytes
+        self.groups: list[tuple[str, int, C.CacheUnit]] = []  # (shard path, row group, unit)
+        gid, row, unit_of = [], [], []
+        units = [u for u in cache.units if corpus in (None, u.corpus)]
+        for ui, u in enumerate(units):
+            for path in u.shard_paths:
+                pf = pq.ParquetFile(path)
+                splits = pf.read(columns=[C.SPLIT]).column(C.SPLIT).to_numpy(zero_copy_only=False)
+                first = 0
+                for g in range(pf.metadata.num_row_groups):
+                    n = pf.metadata.row_group(g).num_rows
+                    local = np.flatnonzero(splits[first:first + n] == split)
+                    if len(local):
+                        gid.append(np.full(len(local), len(self.groups), np.int32))
+                        row.append(local.astype(np.int32))
+                        unit_of.append(np.full(len(local), ui, np.int16))
+                        self.groups.append((str(path), g, u))
+                    first += n
+        if not gid:
+            raise C.CacheError(f"{cache.path}: no {split} rows" + (f" for corpus {corpus}" if corpus else ""))
+        self._gid, self._row = np.concatenate(gid), np.concatenate(row)
+        which = np.concatenate(unit_of)
+        self.corpus = np.array([u.corpus for u in units], dtype=object)[which]
+        self.subset = np.array([u.manifest["key"]["source"]["subset"] for u in units], dtype=object)[which]
+        self.has_teacher = np.array([u.labelled for u in units], dtype=bool)[which]
+        self._cache: OrderedDict[int, Future] = OrderedDict()
+        self._sizes: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max(1, prefetch_threads), thread_name_prefix="mol-reader")
+        self.decoded_groups = 0  # row groups decoded so far (tests: a DDP rank reads only its own)
+
+    def __len__(self) -> int:
+        return len(self._gid)
+
+    def _decode(self, g: int) -> C.Sequences:
+        path, rg, unit = self.groups[g]
+        table = pq.ParquetFile(path).read_row_group(rg, columns=[C.SEQ_ID, C.CORPUS, C.SUBSET, C.INPUT_IDS,
+                                                                 *C.TEACHER_COLUMNS])
+        seqs = C._sequences_from_tables([table], unit.path, self.k)
+        with self._lock:
+            self.decoded_groups += 1
+            self._sizes[g] = sum(a.nbytes for a in (seqs.input_ids, seqs.teacher_topk_ids, seqs.teacher_topk_probs,
+                                                     seqs.teacher_residual) if a is not None)
+            self._evict()
+        return seqs
+
+    def _evict(self) -> None:
+        """Drop the least recently used decoded groups beyond the byte budget (never the newest)."""
+        total = sum(self._sizes.get(g, 0) for g in self._cache)
+        while total > self.max_cache_bytes and len(self._cache) > 1:
+            g, fut = next(iter(self._cache.items()))
+            if not fut.done():
+                break
+            self._cache.pop(g)
+            total -= self._sizes.pop(g, 0)
+
+    def _future(self, g: int, background: bool) -> Future:
+        with self._lock:
+            fut = self._cache.get(g)
+            if fut is not None:
+                self._cache.move_to_end(g)
+                return fut
+            if background:
+                fut = self._pool.submit(self._decode, g)
+            else:
+                fut = Future()
+            self._cache[g] = fut
+        if not background:
+            try:
+                fut.set_result(self._decode(g))
+            except BaseException as e:
+                fut.set_exception(e)
+        return fut
+
+    def prefetch(self, indices) -> None:
+        """Decode, in the background, the row groups that hold these sequences."""
+        for g in dict.fromkeys(int(x) for x in self._gid[np.asarray(list(indices), dtype=np.int64)]):
+            self._future(g, background=True)
+
+    def row(self, i: int) -> dict:
+        seqs = self._future(int(self._gid[i]), background=False).result()
+        return seqs.row(int(self._row[i]))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
