@@ -1,0 +1,165 @@
+"""`make scale`: both stages end to end at 1M, 10M and 30M tokens, with peak memory per stage.
+
+The question is how Stage 1 and Stage 2 behave as the corpus grows, not how a model learns, so the
+model is a tiny random Llama (1 layer, hidden 64) over a word-level tokenizer of the synthetic
+corpus's own words (vocabulary 128): its forward pass is cheap enough that a 2-core CPU labels
+30M tokens in minutes, and what grows with the corpus — reading, packing, encoding, writing, the
+cache on disk, the training reader — is the real code at full size. Each stage runs as its own
+process (`python -m stages.teacher_cache`, `python -m stages.train`), whose peak RSS comes from
+the kernel (wait4), and whose time to the first optimizer step is measured from its start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from .synthetic import _WORDS, write_corpus
+
+log = logging.getLogger(__name__)
+
+SIZES = {"1M": 1_000_000, "10M": 10_000_000, "30M": 30_000_000}
+SEQ_LEN = 512
+VOCAB = 128
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_model(out: Path) -> Path:
+    """The tiny Llama and its word-level tokenizer (same bytes every time), saved as a model folder."""
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<unk>"]
+    words = specials + sorted(set(_WORDS) | {"Record", "."} | {str(d) for d in range(10)})
+    assert len(words) <= VOCAB
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   unk_token="<unk>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ_LEN,
+                                         tie_word_embeddings=True, eos_token_id=0, pad_token_id=0))
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0, 1.0)  # a spread-out teacher: non-trivial top-k and residual
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
+
+
+def _config(model: Path, work: Path, name: str, tokens: int) -> Path:
+    data = {
+        "model": {"name": str(model)},
+        "data": {"max_seq_len": SEQ_LEN, "val_fraction": 0.01, "sources": [
+            {"path": str(work / f"{name}-domain.jsonl"), "corpus": "domain", "subset": "synthetic_domain"},
+            {"path": str(work / f"{name}-general.jsonl"), "corpus": "general", "subset": "synthetic_general"}]},
+        "teacher": {"top_k": 31, "batch_size": 32, "rows_per_shard": 64, "fidelity_sequences": 0, "chunk_positions": 16384,
+                    "cache_root": str(work / "caches")},
+        "train": {"global_batch": 8, "micro_batch": 4, "max_steps": 3, "eval_every": 0, "lr": 1e-3,
+                  "out_dir": str(work / "runs"), "run_name": name,
+                  "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}},
+        "eval": {"max_val_sequences": 4},
+    }
+    for corpus, seed in (("domain", 1), ("general", 2)):
+        path = work / f"{name}-{corpus}.jsonl"
+        if not path.is_file():
+            # word-level tokens: one a word, one a digit, one a full stop (~1.05 a word)
+            write_corpus(path, int(tokens / 2 * 1.3 / 1.05), seed=seed)
+    cfg = work / f"{name}.yaml"
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    return cfg
+
+
+def _run_stage(module: str, args: list[str], log_path: Path, first_step_file: Path | None = None) -> dict:
+    """Run `python -m module args`; its wall time, peak RSS (kernel's ru_maxrss) and, for training,
+    the seconds from its start until metrics.jsonl holds the first optimizer step."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    t0 = time.monotonic()
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    first = None
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if first is None and first_step_file is not None and first_step_file.is_file():
+            if '"type": "train"' in first_step_file.read_text():
+                first = time.monotonic() - t0
+        time.sleep(0.02)
+    rc = os.waitstatus_to_exitcode(status)
+    if rc != 0:
+        raise RuntimeError(f"{module} {' '.join(args)} failed ({rc}); see {log_path}:\n{log_path.read_text()[-2000:]}")
+    return {"seconds": time.monotonic() - t0, "peak_rss_mb": usage.ru_maxrss / 1024, "first_step_s": first}
+
+
+def run_scale(work: Path, sizes: dict[str, int] | None = None, progress=print) -> dict:
+    sizes = sizes or SIZES
+    work.mkdir(parents=True, exist_ok=True)
+    model = build_model(work / "model")
+    rows = []
+    for name, tokens in sizes.items():
+        cfg = _config(model, work, name, tokens)
+        progress(f"{name}: Stage 1")
+        s1 = _run_stage("stages.teacher_cache", [str(cfg)], work / f"{name}-stage1.log")
+        from .cache import TeacherCache, resolve_cache_key
+        from .config import load_config
+
+        manifest = TeacherCache(resolve_cache_key(load_config(cfg)).cache_dir).manifest
+        progress(f"{name}: Stage 2")
+        run_dir = work / "runs" / name
+        if run_dir.exists():
+            import shutil
+
+            shutil.rmtree(run_dir)
+        s2 = _run_stage("stages.train", [str(cfg)], work / f"{name}-stage2.log", run_dir / "metrics.jsonl")
+        metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        train_lines = [m for m in metrics if m["type"] == "train"]
+        t = manifest["totals"]
+        rows.append({
+            "size": name, "tokens": t["tokens"], "sequences": t["sequences"],
+            "stage1_seconds": s1["seconds"], "stage1_tokens_per_s": t["tokens"] / s1["seconds"],
+            "stage1_peak_rss_mb": s1["peak_rss_mb"],
+            "stage2_seconds": s2["seconds"], "stage2_peak_rss_mb": s2["peak_rss_mb"],
+            "stage2_first_step_s": s2["first_step_s"],
+            "stage2_tokens_per_s": sum(m["tokens"] for m in train_lines) / sum(m["tokens"] / m["tokens_per_s"]
+                                                                            for m in train_lines),
+            "bytes_per_token": t["bytes_per_token"], "cache_bytes": t["bytes"],
+        })
+        progress(json.dumps(rows[-1]))
+    base = rows[0]
+    for r in rows:
+        r["stage1_rss_vs_first"] = r["stage1_peak_rss_mb"] / base["stage1_peak_rss_mb"]
+        r["stage2_rss_vs_first"] = r["stage2_peak_rss_mb"] / base["stage2_peak_rss_mb"]
+    return {"rows": rows, "model": {"layers": 1, "hidden": 64, "vocab": VOCAB, "seq_len": SEQ_LEN}}
+
+
+def to_markdown(res: dict, command: str, machine: str) -> str:
+    lines = [f"# `make scale` ({machine})", "", f"Command: `{command}`", "",
+             "| size | tokens | Stage 1 tokens/s | Stage 1 peak RSS | Stage 2 peak RSS | Stage 2 first step | "
+             "Stage 2 tokens/s | disk bytes/token | cache on disk |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['size']} | {r['tokens']:,} | {r['stage1_tokens_per_s']:,.0f} | "
+                     f"{r['stage1_peak_rss_mb']:.0f} MB ({r['stage1_rss_vs_first']:.2f}×) | "
+                     f"{r['stage2_peak_rss_mb']:.0f} MB ({r['stage2_rss_vs_first']:.2f}×) | "
+                     f"{r['stage2_first_step_s']:.1f} s | {r['stage2_tokens_per_s']:,.0f} | "
+                     f"{r['bytes_per_token']:.1f} | {r['cache_bytes'] / 1e6:,.0f} MB |")
+    m = res["model"]
+    lines += ["", f"Model: random Llama, {m['layers']} layers, hidden {m['hidden']}, word-level vocabulary "
+              f"{m['vocab']}, {m['seq_len']}-token sequences; k = 31; Stage 2: 3 optimizer steps of 8 sequences, "
+              "LoRA r 8. Peak RSS per stage process from the kernel; × = against the smallest size. First step = "
+              "seconds from the training process's start to its first metrics line (imports, model, cache "
+              "verification, reader index, the step).", ""]
+    return "\n".join(lines)

@@ -1,0 +1,60 @@
+"""`make scale`: Stage 1 and Stage 2 end to end at 1M, 10M and 30M tokens (tiny model, synthetic
+corpora); peak RSS, time to the first step, tokens/s and disk bytes/token per size.
+
+    python -m stages.scale [--sizes 1M,10M,30M] [--work DIR] [--out DIR]
+
+Writes OUT/scale.md and OUT/scale.json (OUT defaults to bench/); WORK (default
+$MOL_HOME/scale) keeps the corpora, model and caches, so a second run reuses the corpora.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from mol.bench import machine_info
+from mol.config import mol_home
+from mol.scale import SIZES, run_scale, to_markdown
+from stages._cli import setup_logging
+
+
+def _tokens(s: str) -> int:
+    s = s.strip().upper()
+    mult = {"K": 1_000, "M": 1_000_000}.get(s[-1], 1)
+    return int(float(s[:-1] if s[-1] in "KM" else s) * mult)
+
+
+def main(argv=None) -> int:
+    setup_logging()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default=",".join(SIZES), help="comma-separated token counts, e.g. 1M,10M,30M")
+    ap.add_argument("--work", default=str(mol_home() / "scale"))
+    ap.add_argument("--out", default="bench")
+    args = ap.parse_args(argv)
+    try:
+        sizes = {s.strip(): _tokens(s) for s in args.sizes.split(",")}
+    except ValueError:
+        print(f"error: --sizes {args.sizes!r}: give token counts such as 1M,10M,30M", file=sys.stderr)
+        return 2
+    command = "python -m stages.scale" + "".join(" " + shlex.quote(a) for a in argv)
+    if os.environ.get("MAKELEVEL"):
+        command = f"make scale  ({command})"
+    res = run_scale(Path(args.work), sizes, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    info = machine_info()
+    machine = f"{info.get('cpu', '?')}, {info.get('cores', '?')} cores, torch {info.get('torch', '?')}"
+    md = to_markdown(res, command, machine)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale.json").write_text(json.dumps({**res, "command": command, "machine": info}, indent=2) + "\n")
+    (out / "scale.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
