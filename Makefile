@@ -78,5 +78,5 @@ experiment: data model
 # Both stages at 1M, 10M and 30M tokens (tiny model, synthetic corpora): peak RSS per stage, time to
 # the first step, tokens/s, bytes/token -> bench/scale.md (about 20 min on a 2-core CPU)
 .PHONY: scale
-scale: setup
+scale: teacher-cache
 	$(PY) -m stages.scale $(ARGS)

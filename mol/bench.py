@@ -656,6 +656,7 @@ def bench_stage1(model, tokenizer, rows: list[dict], k: int, chunk: int, zstd_le
 
 # --------------------------------------------------------------------------- Stage 1 at scale (stub teacher)
 
+
 def synthetic_corpus(path: Path, tokens: int, tokenizer, seed: int = 0) -> int:
     """mol.synthetic.write_corpus at about `tokens` tokens of this tokenizer (EOS included):
     write_corpus sizes by words, so its words-to-tokens rate is measured on a 50k-token sample

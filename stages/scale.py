@@ -17,8 +17,9 @@ import sys
 from pathlib import Path
 
 from mol.bench import machine_info
-from mol.config import mol_home
-from mol.scale import SIZES, run_scale, to_markdown
+from mol.cache import CacheError, resolve_cache_key
+from mol.config import load_config, mol_home
+from mol.scale import SIZES, paper_table, run_scale, to_markdown, wide_vocab_storage
 from stages._cli import setup_logging
 
 
@@ -45,6 +46,13 @@ def main(argv=None) -> int:
     if os.environ.get("MAKELEVEL"):
         command = f"make scale  ({command})"
     res = run_scale(Path(args.work), sizes, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    try:  # the paper-scale table re-encodes the default cache's real labels over Qwen3's vocabulary
+        default = resolve_cache_key(load_config("data/default.yaml")).cache_dir
+        storage = wide_vocab_storage(default)
+        res["paper"] = paper_table(res, storage, res["reader"]["tokens_per_s"])
+        res["wide_vocab_storage"] = storage
+    except (CacheError, FileNotFoundError) as e:
+        print(f"paper-scale table skipped: no default cache ({e}); run `make teacher-cache` first", file=sys.stderr)
     info = machine_info()
     machine = f"{info.get('cpu', '?')}, {info.get('cores', '?')} cores, torch {info.get('torch', '?')}"
     md = to_markdown(res, command, machine)
