@@ -55,6 +55,7 @@ class StreamingSequences:
         self.has_teacher = np.array([u.labelled for u in units], dtype=bool)[which]
         self._cache: OrderedDict[int, Future] = OrderedDict()
         self._sizes: dict[int, int] = {}
+        self._files: OrderedDict[str, pq.ParquetFile] = OrderedDict()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max(1, prefetch_threads), thread_name_prefix="mol-reader")
         self.decoded_groups = 0  # row groups decoded so far (tests: a DDP rank reads only its own)
@@ -62,10 +63,22 @@ class StreamingSequences:
     def __len__(self) -> int:
         return len(self._gid)
 
+    def _file(self, path: str) -> pq.ParquetFile:
+        """Open shards are kept (at most 64): parsing a footer costs more than decoding a row group."""
+        with self._lock:
+            pf = self._files.pop(path, None)
+            if pf is None:
+                pf = pq.ParquetFile(path)
+            self._files[path] = pf
+            while len(self._files) > 64:
+                self._files.popitem(last=False)
+            return pf
+
     def _decode(self, g: int) -> C.Sequences:
         path, rg, unit = self.groups[g]
-        table = pq.ParquetFile(path).read_row_group(rg, columns=[C.SEQ_ID, C.CORPUS, C.SUBSET, C.INPUT_IDS,
-                                                                 *C.TEACHER_COLUMNS])
+        # one thread a decode: the row group is small, and the prefetch thread runs beside the trainer
+        table = self._file(path).read_row_group(rg, columns=[C.SEQ_ID, C.CORPUS, C.SUBSET, C.INPUT_IDS,
+                                                             *C.TEACHER_COLUMNS], use_threads=False)
         seqs = C._sequences_from_tables([table], unit.path, self.k)
         with self._lock:
             self.decoded_groups += 1
