@@ -536,8 +536,33 @@ def long_rows(seqs: C.Sequences, length: int, n: int) -> list[dict]:
     return out
 
 
-def reader_pass(cache_dir: Path, k: int, micro_batch: int) -> int:
-    """The trainer's data path over the whole train split: TeacherCache.load + collate. Returns tokens."""
+def reader_pass(cache_dir: Path, k: int, micro_batch: int, max_cache_bytes: int = 256 << 20) -> int:
+    """The trainer's data path over the whole train split: one mol.reader.StreamingSequences per
+    corpus, opened as train() opens them (index, same decoded row-group budget), the next
+    micro-batch prefetched while this one is read, rows + collate. Returns tokens."""
+    from .reader import StreamingSequences
+
+    cache = C.TeacherCache(cache_dir)
+    cpu = torch.device("cpu")
+    tokens = 0
+    for corpus in ("domain", "general"):
+        if not any(u.corpus == corpus for u in cache.units):
+            continue
+        seqs = StreamingSequences(cache, "train", corpus, max_cache_bytes=max_cache_bytes)
+        try:
+            n = len(seqs)
+            for a in range(0, n, micro_batch):
+                if a + micro_batch < n:
+                    seqs.prefetch(range(a + micro_batch, min(a + 2 * micro_batch, n)))
+                b = collate([seqs.row(i) for i in range(a, min(a + micro_batch, n))], k, cpu)
+                tokens += int(b["attention_mask"].sum())
+        finally:
+            seqs.close()
+    return tokens
+
+
+def reader_pass_load(cache_dir: Path, k: int, micro_batch: int) -> int:
+    """The same over TeacherCache.load (the whole split in memory; evaluation's path). Returns tokens."""
     seqs = C.TeacherCache(cache_dir).load("train")
     tokens = 0
     cpu = torch.device("cpu")
@@ -1405,6 +1430,75 @@ SECTIONS = ("teacher cache", "stage 1 vs bare forward", "storage variants", "zst
 """The parts of run_all in order; `section(name)` is called as each starts."""
 
 
+def build_figures(stage1: dict, at_scale: dict, storage: dict, stage2: dict, stage2_mem: dict, headline: dict,
+                  k: int, cache_bytes_per_token: float) -> list[dict]:
+    """The figures table, in FIGURE_IDS order, from the measurements (each figure's detail holds
+    what it was computed from, so a report can be rebuilt from bench.json)."""
+    t2, mem2 = stage2["times"], (stage2_mem["mol"], stage2_mem["ce"])
+    cur = storage["variants"][0]
+    best = storage["best_meeting_fidelity"]
+    pipe, rss = at_scale["pipeline"], at_scale["rss"]
+    gb, mib = 1 / 2**30, 1 / 2**20
+    cpu = pipe.get("cpu") or {}
+    cpu_us = 1e6 * cpu["process_cpu_s"] / pipe["tokens"] if cpu else None
+    figures = [
+        _figure("stage1_vs_forward", "Stage 1 tokens/s ÷ bare forward tokens/s", stage1["ratio"], ">=", 0.92,
+                f"{stage1['ratio']:.3f} ({stage1['stage1_tokens_per_s']:.0f} vs {stage1['bare_tokens_per_s']:.0f} tok/s;"
+                f" labels alone {stage1['ratio_labels_only']:.3f}; encode"
+                f" {1e3 * med(stage1['times']['stage1/encode']):.0f} ms a round, the write on"
+                f" {stage1['writer_threads']} writer thread(s), {1e3 * med(stage1['write_s']):.0f} ms alone;"
+                f" {_round_range(stage1['times']['bare'], stage1['times']['stage1'])})", stage1),
+        _figure("stage1_pipeline_tokens_per_s", "whole Stage 1 tokens/s, instant stub teacher (read JSONL, render, "
+                f"tokenize, pack, encode, compress, write, manifests; {pipe['max_seq_len']}-token sequences, "
+                f"{pipe['rows_per_shard']} rows/shard)", pipe["tokens_per_s"], ">=", 200_000.0,
+                f"{pipe['tokens_per_s']:.0f} tok/s ({pipe['tokens']} tokens in {pipe['wall_s']:.1f} s, {pipe['shards']} "
+                f"shards, {pipe['cpu_s'] / pipe['wall_s']:.2f} cores busy"
+                + (f"; first to last shard {pipe['loop_tokens_per_s']:.0f} tok/s" if pipe.get("loop_tokens_per_s") else "")
+                + (f"; CPU {cpu_us:.2f} µs/token, so at most {cpu['cores'] / cpu_us * 1e6:.0f} tok/s on"
+                   f" {cpu['cores']} idle cores; other processes kept {cpu['others_busy_cores']:.2f} cores busy"
+                   if cpu else "")
+                + ")", pipe, goal_text="≥ 200k tokens/s"),
+        _figure("stage1_rss_10x", f"Stage 1 (stub teacher) peak RSS, {rss['10x']['tokens']} ÷ {rss['1x']['tokens']} "
+                "tokens", rss["ratio"], "<=", 1.15,
+                f"{rss['ratio']:.3f} ({rss['10x']['high_water_bytes'] * mib:.0f} vs "
+                f"{rss['1x']['high_water_bytes'] * mib:.0f} MiB, the pass's own growth "
+                f"{rss['10x']['peak_bytes'] * mib:.0f} vs {rss['1x']['peak_bytes'] * mib:.0f} MiB)", rss),
+        _figure("cache_bytes_per_token", f"cache bytes/token on disk, k = {k} (current schema)",
+                cur["bytes_per_token"], "<=", 80.0,
+                f"{cur['bytes_per_token']:.1f} B/token (|ΔKL| mean {cur['kl_abs_mean']:.1e}); "
+                f"best variant with |ΔKL| ≤ 1e-3: "
+                + (f"{best['bytes_per_token']:.1f} ({best['name']})" if best else "none"),
+                {"current": cur, "best": best, "cache_manifest_bytes_per_token": cache_bytes_per_token},
+                goal_text="≤ 80, with mean |ΔKL| ≤ 1e-3", also=cur["kl_abs_mean"] <= 1e-3),
+        _figure("mol_vs_ce_step_time", "Stage 2 MoL step time ÷ CE-only step time", stage2["ratio_mol_ce"], "<=", 1.05,
+                f"{stage2['ratio_mol_ce']:.3f} ({med(t2['mol']):.2f} s vs {med(t2['ce']):.2f} s, "
+                f"{stage2['micro_batch']}×{stage2['seq_len']} tokens; {_round_range(t2['mol'], t2['ce'])})",
+                {k_: v for k_, v in stage2.items()}),
+        _figure("mol_vs_ce_peak_memory", "Stage 2 peak memory, MoL ÷ CE-only", stage2_mem["ratio"], "<=", 1.05,
+                f"{stage2_mem['ratio']:.3f} ({mem2[0]['peak_bytes'] * gb:.2f} vs {mem2[1]['peak_bytes'] * gb:.2f} GiB)",
+                stage2_mem),
+        _figure("cache_vs_online_teacher_step_time", "MoL step from the cache ÷ online teacher step (adapter "
+                "disabled, full-vocab KL)", stage2["ratio_mol_online"], "<=", 0.75,
+                f"{stage2['ratio_mol_online']:.3f} ({med(t2['mol']):.2f} s vs {med(t2['online']):.2f} s; "
+                f"{_round_range(t2['mol'], t2['online'])})",
+                {"mol_s": t2["mol"], "online_s": t2["online"]}),
+        _figure("loss_path_memory_vs_naive", f"loss-path peak memory ÷ naive full-logits loss, "
+                f"{headline['tokens']} tokens × {headline['vocab']} vocab", headline["ratio"], "<=", 0.2,
+                f"{headline['ratio']:.3f} ({headline['chunked_peak_bytes'] * gb:.2f} vs "
+                f"{headline['naive_peak_bytes'] * gb:.1f} GiB, naive {headline['naive_how']})", headline),
+        _figure("reader_vs_training_tokens_per_s", "cache reader tokens/s (the trainer's streaming reader + "
+                "collate) ÷ training tokens/s", stage2["reader_over_training"], ">=", 20.0,
+                f"{stage2['reader_over_training']:.0f} ({stage2['reader_tokens_per_s']:.0f} vs "
+                f"{stage2['training_tokens_per_s']:.0f} tok/s"
+                + (f"; whole-split TeacherCache.load {stage2['reader_load_tokens_per_s']:.0f} tok/s"
+                   if "reader_load_tokens_per_s" in stage2 else "") + ")",
+                {"reader_s": t2["reader"], "reader_tokens": stage2["reader_tokens"], "mol_s": t2["mol"],
+                 "reader_load_s": t2.get("reader_load")}),
+    ]
+    assert [f["id"] for f in figures] == list(FIGURE_IDS)
+    return figures
+
+
 def run_all(cfg: MolConfig, *, quick: bool = False, workdir: Optional[Path] = None, threads: Optional[int] = None,
             section: Callable[[str], None] = lambda name: None, make_bar=None) -> dict:
     """Every measurement of the benchmark; returns {"meta", "figures", "storage", "zstd_levels",
@@ -1497,16 +1591,18 @@ def run_all(cfg: MolConfig, *, quick: bool = False, workdir: Optional[Path] = No
         reader_tokens = []
 
         def reader():
-            reader_tokens.append(reader_pass(cache_dir, k, mb))
+            reader_tokens.append(reader_pass(cache_dir, k, mb, cfg.train.reader_cache_mb << 20))
 
         t2 = interleaved({"ce": lambda: s2.step(rows, "ce"), "mol": lambda: s2.step(rows, "mol"),
-                          "online": lambda: s2.online_step(rows), "reader": reader}, sz.reps, sz.warmup)
+                          "online": lambda: s2.online_step(rows), "reader": reader,
+                          "reader_load": lambda: reader_pass_load(cache_dir, k, mb)}, sz.reps, sz.warmup)
         step_tokens = sum(len(r[C.INPUT_IDS]) for r in rows)
         stage2 = {"micro_batch": mb, "seq_len": max(len(r[C.INPUT_IDS]) for r in rows), "tokens": step_tokens,
                   "times": t2, "ratio_mol_ce": med(t2["mol"]) / med(t2["ce"]),
                   "ratio_mol_online": med(t2["mol"]) / med(t2["online"]),
                   "training_tokens_per_s": step_tokens / med(t2["mol"]),
-                  "reader_tokens": reader_tokens[-1], "reader_tokens_per_s": reader_tokens[-1] / med(t2["reader"])}
+                  "reader_tokens": reader_tokens[-1], "reader_tokens_per_s": reader_tokens[-1] / med(t2["reader"]),
+                  "reader_load_tokens_per_s": reader_tokens[-1] / med(t2["reader_load"])}
         stage2["reader_over_training"] = stage2["reader_tokens_per_s"] / stage2["training_tokens_per_s"]
         log.info("stage 2: MoL/CE %.3f, MoL/online %.3f, reader/training %.0f", stage2["ratio_mol_ce"],
                  stage2["ratio_mol_online"], stage2["reader_over_training"])
@@ -1520,7 +1616,7 @@ def run_all(cfg: MolConfig, *, quick: bool = False, workdir: Optional[Path] = No
             step_scaling.append({"batch": 1, "seq_len": T, "ce_s": med(t["ce"]), "mol_s": med(t["mol"]),
                                  "ratio": med(t["mol"]) / med(t["ce"])})
             log.info("step B=1 T=%d: MoL/CE %.3f", T, step_scaling[-1]["ratio"])
-        del s2
+        s2 = None  # frees the student (the lambdas above close over the name)
         gc.collect()
 
         enter("stage 2 peak memory")
@@ -1542,60 +1638,9 @@ def run_all(cfg: MolConfig, *, quick: bool = False, workdir: Optional[Path] = No
         if own_tmp is not None:
             own_tmp.cleanup()
 
-    cur = storage["variants"][0]
-    best = storage["best_meeting_fidelity"]
-    pipe, rss = at_scale["pipeline"], at_scale["rss"]
-    gb, mib = 1 / 2**30, 1 / 2**20
-    figures = [
-        _figure("stage1_vs_forward", "Stage 1 tokens/s ÷ bare forward tokens/s", stage1["ratio"], ">=", 0.92,
-                f"{stage1['ratio']:.3f} ({stage1['stage1_tokens_per_s']:.0f} vs {stage1['bare_tokens_per_s']:.0f} tok/s;"
-                f" labels alone {stage1['ratio_labels_only']:.3f}; encode {100 * stage1['encode_share']:.1f}% of a"
-                f" round, the write on {stage1['writer_threads']} writer thread(s), {1e3 * med(stage1['write_s']):.0f} ms"
-                f" alone; {_round_range(stage1['times']['bare'], stage1['times']['stage1'])})", stage1),
-        _figure("stage1_pipeline_tokens_per_s", "whole Stage 1 tokens/s, instant stub teacher (read JSONL, render, "
-                f"tokenize, pack, encode, compress, write, manifests; {pipe['max_seq_len']}-token sequences, "
-                f"{pipe['rows_per_shard']} rows/shard)", pipe["tokens_per_s"], ">=", 200_000.0,
-                f"{pipe['tokens_per_s']:.0f} tok/s ({pipe['tokens']} tokens in {pipe['wall_s']:.1f} s, {pipe['shards']} "
-                f"shards, {pipe['cpu_s'] / pipe['wall_s']:.2f} cores busy"
-                + (f"; first to last shard {pipe['loop_tokens_per_s']:.0f} tok/s" if pipe.get("loop_tokens_per_s") else "")
-                + ")", pipe, goal_text="≥ 200k tokens/s"),
-        _figure("stage1_rss_10x", f"Stage 1 (stub teacher) peak RSS, {rss['10x']['tokens']} ÷ {rss['1x']['tokens']} "
-                "tokens", rss["ratio"], "<=", 1.15,
-                f"{rss['ratio']:.3f} ({rss['10x']['high_water_bytes'] * mib:.0f} vs "
-                f"{rss['1x']['high_water_bytes'] * mib:.0f} MiB, the pass's own growth "
-                f"{rss['10x']['peak_bytes'] * mib:.0f} vs {rss['1x']['peak_bytes'] * mib:.0f} MiB)", rss),
-        _figure("cache_bytes_per_token", f"cache bytes/token on disk, k = {k} (current schema)",
-                cur["bytes_per_token"], "<=", 80.0,
-                f"{cur['bytes_per_token']:.1f} B/token (|ΔKL| mean {cur['kl_abs_mean']:.1e}); "
-                f"best variant with |ΔKL| ≤ 1e-3: "
-                + (f"{best['bytes_per_token']:.1f} ({best['name']})" if best else "none"),
-                {"current": cur, "best": best, "cache_manifest_bytes_per_token": meta["cache_bytes_per_token"]},
-                goal_text="≤ 80, with mean |ΔKL| ≤ 1e-3", also=cur["kl_abs_mean"] <= 1e-3),
-        _figure("mol_vs_ce_step_time", "Stage 2 MoL step time ÷ CE-only step time", stage2["ratio_mol_ce"], "<=", 1.05,
-                f"{stage2['ratio_mol_ce']:.3f} ({med(t2['mol']):.2f} s vs {med(t2['ce']):.2f} s, "
-                f"{stage2['micro_batch']}×{stage2['seq_len']} tokens; {_round_range(t2['mol'], t2['ce'])})",
-                {k_: v for k_, v in stage2.items()}),
-        _figure("mol_vs_ce_peak_memory", "Stage 2 peak memory, MoL ÷ CE-only", stage2_mem["ratio"], "<=", 1.05,
-                f"{stage2_mem['ratio']:.3f} ({mem2[0]['peak_bytes'] * gb:.2f} vs {mem2[1]['peak_bytes'] * gb:.2f} GiB)",
-                stage2_mem),
-        _figure("cache_vs_online_teacher_step_time", "MoL step from the cache ÷ online teacher step (adapter "
-                "disabled, full-vocab KL)", stage2["ratio_mol_online"], "<=", 0.75,
-                f"{stage2['ratio_mol_online']:.3f} ({med(t2['mol']):.2f} s vs {med(t2['online']):.2f} s; "
-                f"{_round_range(t2['mol'], t2['online'])})",
-                {"mol_s": t2["mol"], "online_s": t2["online"]}),
-        _figure("loss_path_memory_vs_naive", f"loss-path peak memory ÷ naive full-logits loss, "
-                f"{headline['tokens']} tokens × {headline['vocab']} vocab", headline["ratio"], "<=", 0.2,
-                f"{headline['ratio']:.3f} ({headline['chunked_peak_bytes'] * gb:.2f} vs "
-                f"{headline['naive_peak_bytes'] * gb:.1f} GiB, naive {headline['naive_how']})", headline),
-        _figure("reader_vs_training_tokens_per_s", "cache reader tokens/s ÷ training tokens/s",
-                stage2["reader_over_training"], ">=", 20.0,
-                f"{stage2['reader_over_training']:.0f} ({stage2['reader_tokens_per_s']:.0f} vs "
-                f"{stage2['training_tokens_per_s']:.0f} tok/s)",
-                {"reader_s": t2["reader"], "reader_tokens": stage2["reader_tokens"], "mol_s": t2["mol"]}),
-    ]
+    figures = build_figures(stage1, at_scale, storage, stage2, stage2_mem, headline, k, meta["cache_bytes_per_token"])
     enter("")
     meta["seconds"] = time.time() - t_start
-    assert [f["id"] for f in figures] == list(FIGURE_IDS)
     return {"meta": meta, "figures": figures, "storage": storage, "zstd_levels": zstd, "stage1_at_scale": at_scale,
             "scaling": {"loss_path": loss_scaling, "step_ratio": step_scaling}}
 

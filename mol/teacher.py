@@ -290,11 +290,6 @@ def _segment_progress(unit: C.ResolvedUnit, segment: int) -> tuple[int, dict | N
     return nxt, last
 
 
-def _segment_done(unit: C.ResolvedUnit, segment: int) -> bool:
-    _, last = _segment_progress(unit, segment)
-    return last is not None and last["end"]
-
-
 @dataclass
 class _Labeller:
     """The teacher, loaded on first use: a pass whose units are all reused loads no model."""

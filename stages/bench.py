@@ -3,7 +3,7 @@
     python -m stages.bench [--quick] [--out DIR] [--config CONFIG] [--model PATH] [--threads N] [key=value ...]
 
 Prints the report and writes DIR/bench.json and DIR/bench.md (DIR defaults to bench/). The full
-run takes about 10-15 minutes on a 2-core CPU and builds the config's teacher cache first if it
+run takes about 15 minutes on a 2-core CPU and builds the config's teacher cache first if it
 is missing; --quick runs every measurement at tiny sizes in seconds (a smoke test, not figures).
 """
 

@@ -183,6 +183,6 @@ def test_error_in_a_later_segment_names_its_line(tmp_path, tok):
     src = SourceConfig(str(path), "general", "g")
     segs = plan_segments(src, segment_bytes=1024, capped=False)
     data = DataConfig(sources=[src], max_seq_len=16, val_fraction=0.0)
-    with pytest.raises(CorpusError, match=rf"a.jsonl:151: invalid JSON"):
+    with pytest.raises(CorpusError, match=r"a.jsonl:151: invalid JSON"):
         for seg in segs:
             _stream(src, data, tok, seg)
