@@ -2,7 +2,8 @@
 
 `TeacherCache.load` holds a whole split in memory (~130 bytes a token at k = 31): right for
 evaluation sets, wrong for the paper's 630M tokens in every DDP rank. `StreamingSequences` keeps
-only an index (where each sequence lives: 8 bytes a sequence) and a bounded cache of decoded row
+only an index (where each sequence lives: 8 bytes a sequence, built from the unit manifests' row
+groups and val_rows without opening a shard) and a bounded cache of decoded row
 groups, filled on demand and ahead of time by a background thread, so peak memory does not depend
 on the corpus and a DDP rank decodes only the row groups that hold its own sequences. Row order is
 TeacherCache.load's (units in config order, shards and rows in file order), so the same DataPlan
@@ -33,19 +34,16 @@ class StreamingSequences:
         gid, row, unit_of = [], [], []
         units = [u for u in cache.units if corpus in (None, u.corpus)]
         for ui, u in enumerate(units):
-            for path in u.shard_paths:
-                pf = pq.ParquetFile(path)
-                splits = pf.read(columns=[C.SPLIT]).column(C.SPLIT).to_numpy(zero_copy_only=False)
-                first = 0
-                for g in range(pf.metadata.num_row_groups):
-                    n = pf.metadata.row_group(g).num_rows
+            for sh in u.manifest["shards"]:
+                path = u.path / sh["file"]
+                splits = self._splits(sh, path)
+                for g, (first, n) in enumerate(self._row_groups(sh, path)):
                     local = np.flatnonzero(splits[first:first + n] == split)
                     if len(local):
                         gid.append(np.full(len(local), len(self.groups), np.int32))
                         row.append(local.astype(np.int32))
                         unit_of.append(np.full(len(local), ui, np.int16))
                         self.groups.append((str(path), g, u))
-                    first += n
         if not gid:
             raise C.CacheError(f"{cache.path}: no {split} rows" + (f" for corpus {corpus}" if corpus else ""))
         self._gid, self._row = np.concatenate(gid), np.concatenate(row)
@@ -62,6 +60,25 @@ class StreamingSequences:
 
     def __len__(self) -> int:
         return len(self._gid)
+
+    @staticmethod
+    def _row_groups(sh: dict, path) -> list[tuple[int, int]]:
+        """(first row, rows) of each row group: from the manifest, else from the shard's footer."""
+        if isinstance(sh.get("rows_per_group"), int) and sh["rows_per_group"] > 0:
+            r = sh["rows_per_group"]
+            return [(a, min(r, sh["rows"] - a)) for a in range(0, sh["rows"], r)]
+        md = pq.ParquetFile(path).metadata
+        sizes = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
+        return [(sum(sizes[:g]), n) for g, n in enumerate(sizes)]
+
+    @staticmethod
+    def _splits(sh: dict, path) -> np.ndarray:
+        """Each row's split: from the manifest's val_rows, else read from the shard's split column."""
+        if isinstance(sh.get("val_rows"), list):
+            out = np.full(sh["rows"], "train", dtype=object)
+            out[np.asarray(sh["val_rows"], dtype=np.int64)] = "val"
+            return out
+        return pq.read_table(path, columns=[C.SPLIT]).column(C.SPLIT).to_numpy(zero_copy_only=False)
 
     def _file(self, path: str) -> pq.ParquetFile:
         """Open shards are kept (at most 64): parsing a footer costs more than decoding a row group."""

@@ -331,7 +331,7 @@ def _shard_data(group: _Group, unit: C.ResolvedUnit, segment: int, part: int, la
     counts = {sp: [int(sum(1 for s in seqs if s.split == sp)), int(sum(len(s.input_ids) for s in seqs if s.split == sp))]
               for sp in ("train", "val")}
     record = {"unit": unit.fingerprint, "segment": segment, "part": part, "rows": len(seqs), "end": group.end,
-              "counts": counts, "state": group.state}
+              "counts": counts, "val_rows": [j for j, s in enumerate(seqs) if s.split == "val"], "state": group.state}
     if labels is not None:
         ids = np.concatenate([x[0] for x in labels]) if labels else np.zeros((0, unit.key["top_k"]), np.int64)
         probs = np.concatenate([x[1] for x in labels]) if labels else np.zeros((0, unit.key["top_k"]), np.float32)
@@ -522,7 +522,9 @@ def _finalize_unit(cfg: MolConfig, u: C.ResolvedUnit, tokenizer, labeller: "_Lab
             report = seg_report if report is None else report.merge(seg_report)
         meta.append({"file": path.name, "segment": seg, "part": part, "rows": rec["rows"],
                      "tokens": sum(c[1] for c in rec["counts"].values()), "bytes": path.stat().st_size,
-                     "sha256": C.sha256_path(path)})
+                     "sha256": C.sha256_path(path), "rows_per_group": C.row_group_rows(cfg),
+                     # where each split's rows are: Stage 2's reader builds its index from these alone
+                     "val_rows": rec["val_rows"]})
     report.sha256 = u.key["source"]["sha256"]
     check_report(report, u.source)
     total_tokens = counts["train"]["tokens"] + counts["val"]["tokens"]
