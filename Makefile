@@ -76,7 +76,7 @@ experiment: data model
 	$(PY) -m stages.experiment $(EXPERIMENT_CONFIG) --jobs $(JOBS) $(ARGS)
 
 # Both stages at 1M, 10M and 30M tokens (tiny model, synthetic corpora): peak RSS per stage, time to
-# the first step, tokens/s, bytes/token -> bench/scale.md (about 20 min on a 2-core CPU)
+# the first step, tokens/s, bytes/token -> bench/scale.md (about 6 min on a 2-core CPU)
 .PHONY: scale
 scale: teacher-cache
 	$(PY) -m stages.scale $(ARGS)
