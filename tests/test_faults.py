@@ -213,12 +213,13 @@ C.write_shard = _slow
 
 
 def _pre_disk_full(n: int) -> str:
-    """The n-th shard write fails as a full disk does: part of the file written, then ENOSPC."""
+    """The n-th shard of the first segment fails as a full disk does: part of the file written, then
+    ENOSPC. Chosen by name: parallel writer threads reach pq.write_table in no fixed order."""
     return f"""
-import errno, itertools, pyarrow.parquet as pq
-_real, _n = pq.write_table, itertools.count(1)
+import errno, pyarrow.parquet as pq
+_real = pq.write_table
 def _write(table, where, *a, **kw):
-    if next(_n) == {n}:  # next() is atomic: parallel writer threads each get their own number
+    if "/shard-00000-{n - 1:05d}.parquet" in str(where):
         with open(where, "wb") as f:
             f.write(b"PAR1" + bytes(100))
         raise OSError(errno.ENOSPC, "No space left on device", str(where))
@@ -905,7 +906,8 @@ def _full_disk_on(monkeypatch, n: int, where: str) -> None:
         real = pq.write_table
 
         def fail(table, path, *a, **kw):
-            if next(counter) == n:  # atomic: the writer threads run in parallel
+            # by name: parallel writer threads reach pq.write_table in no fixed order
+            if f"/shard-00000-{n - 1:05d}.parquet" in str(path) and next(counter) == 1:
                 Path(path).write_bytes(b"PAR1" + bytes(100))
                 raise OSError(errno.ENOSPC, "No space left on device", str(path))
             return real(table, path, *a, **kw)
