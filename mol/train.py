@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import time
 from contextlib import nullcontext
@@ -162,7 +163,13 @@ def load_checkpoint(run_dir: Path, model, opt) -> int:
     latest = root / "latest"
     if not latest.is_file():
         raise TrainingError(f"resume=true but {run_dir} has no checkpoint")
-    state = torch.load(root / latest.read_text().strip() / "state.pt", weights_only=False)
+    path = root / latest.read_text().strip() / "state.pt"
+    try:
+        # tensors and plain containers only: unpickling anything else could run code from the file
+        state = torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as e:
+        raise TrainingError(f"{path}: not a checkpoint this trainer wrote; refused to load it (only tensors "
+                            f"and plain containers are read, never pickled objects): {str(e).splitlines()[0]}") from None
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, v in state["trainable"].items():

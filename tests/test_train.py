@@ -198,3 +198,30 @@ def test_two_processes_match_one(cache_ready):
     r = subprocess.run(cmd[:-1] + ["train.run_name=bad", "train.micro_batch=4", "train.global_batch=4"], env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "split across processes" in r.stderr + r.stdout
+
+
+class _RunsCode:
+    """A pickle that would create a file when loaded (what a hostile checkpoint could do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_is_loaded_without_unpickling_code(cache_ready, tmp_path):
+    """Resuming reads tensors and plain containers only: a state.pt carrying a pickled callable is
+    refused with a TrainingError naming it, and its code never runs."""
+    import torch
+
+    cfg = {**cache_ready, "train": {**cache_ready["train"], "run_name": "hostile"}}
+    run_dir = train(load_config(data=cfg), stop_after=1)
+    ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip() / "state.pt"
+    state = torch.load(ckpt, weights_only=True)  # what the trainer wrote loads without pickle
+    marker = tmp_path / "code-ran"
+    state["extra"] = _RunsCode(marker)
+    torch.save(state, ckpt)
+    with pytest.raises(TrainingError, match="not a checkpoint this trainer wrote"):
+        train(load_config(data={**cfg, "train": {**cfg["train"], "resume": True}}))
+    assert not marker.exists()
