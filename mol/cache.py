@@ -59,7 +59,6 @@ The teacher columns are null on every row of an unlabelled unit (a domain source
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
@@ -75,7 +74,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import MolConfig, SourceConfig, expand_path
+from .corpora import detect_format, source_caps, source_fingerprint
 from .files import sha256_path, write_atomic  # noqa: F401  (re-exported: callers use C.sha256_path)
+from .model import load_tokenizer, model_fingerprint, resolve_model_path, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -334,23 +335,7 @@ def shard_resume(path: Path) -> dict | None:
         return None
 
 
-def pack_array(a: np.ndarray) -> str:
-    """A 1-D int array as compact text (for the resume record)."""
-    return base64.b64encode(np.ascontiguousarray(a, dtype="<i4").tobytes()).decode()
-
-
-def unpack_array(s: str) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(s), dtype="<i4").astype(np.int64)
-
-
 # --------------------------------------------------------------------------- keys and layout
-
-
-def effective_caps(src: SourceConfig, cfg: MolConfig) -> dict:
-    d = cfg.data
-    return {"max_records": src.max_records,
-            "max_train_sequences": src.max_train_sequences if src.max_train_sequences is not None else d.max_train_sequences,
-            "max_val_sequences": src.max_val_sequences if src.max_val_sequences is not None else d.max_val_sequences}
 
 
 def unit_key(cfg: MolConfig, src: SourceConfig, *, model_fp: str, tokenizer_fp: str, chat_template: str | None,
@@ -370,7 +355,7 @@ def unit_key(cfg: MolConfig, src: SourceConfig, *, model_fp: str, tokenizer_fp: 
         "packing": {"max_seq_len": cfg.data.max_seq_len, "val_fraction": cfg.data.val_fraction,
                     "segment_bytes": cfg.data.segment_bytes, "on_bad_record": cfg.data.on_bad_record},
         "source": {"corpus": src.corpus, "subset": src.subset, "format": source_format, "sha256": source_fp,
-                   **effective_caps(src, cfg)},
+                   **source_caps(src, cfg.data)},
     }
 
 
@@ -424,9 +409,6 @@ def set_key(units: list[ResolvedUnit], cfg: MolConfig, model_fp: str, tokenizer_
 
 def resolve_cache_key(cfg: MolConfig, tokenizer=None) -> ResolvedKey:
     """Fingerprint the model, tokenizer, template and every source (file hashes only, no model load)."""
-    from .corpora import detect_format, source_fingerprint
-    from .model import load_tokenizer, model_fingerprint, resolve_model_path, tokenizer_fingerprint
-
     model_path = resolve_model_path(cfg.model.name)
     tokenizer = tokenizer or load_tokenizer(model_path)
     model_fp, tok_fp = model_fingerprint(model_path), tokenizer_fingerprint(model_path)

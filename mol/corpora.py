@@ -137,6 +137,18 @@ def _folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def source_caps(src: SourceConfig, data: DataConfig) -> dict:
+    """The caps that apply to a source: its own, else the data section's sequence caps."""
+    return {"max_records": src.max_records,
+            "max_train_sequences": src.max_train_sequences if src.max_train_sequences is not None else data.max_train_sequences,
+            "max_val_sequences": src.max_val_sequences if src.max_val_sequences is not None else data.max_val_sequences}
+
+
+def source_segments(src: SourceConfig, data: DataConfig) -> list[Segment]:
+    """A source's segments under `data`: one when any cap applies (a cap is a prefix)."""
+    return plan_segments(src, data.segment_bytes, any(v is not None for v in source_caps(src, data).values()))
+
+
 def plan_segments(src: SourceConfig, segment_bytes: int, capped: bool) -> list[Segment]:
     """Cut a source into segments of about `segment_bytes` of input (one segment when capped, or
     for formats that cannot be entered in the middle). Depends only on the file, so every worker
@@ -491,10 +503,7 @@ def pack_source(src: SourceConfig, data: DataConfig, tokenizer, template_kwargs:
     """Read, render, split, tokenize and pack one whole source in memory (one segment; small
     inputs and tests: Stage 1 streams segments through SegmentPacker instead)."""
     path = expand_path(src.path)
-    caps = {"max_records": src.max_records,
-            "max_train_sequences": src.max_train_sequences if src.max_train_sequences is not None else data.max_train_sequences,
-            "max_val_sequences": src.max_val_sequences if src.max_val_sequences is not None else data.max_val_sequences}
-    packer = SegmentPacker(src, data, tokenizer, template_kwargs, Segment(0, 0, None), caps)
+    packer = SegmentPacker(src, data, tokenizer, template_kwargs, Segment(0, 0, None), source_caps(src, data))
     seqs = list(packer)
     report = packer.report
     report.sha256 = source_fingerprint(path) if path.exists() else ""

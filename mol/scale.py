@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from .cache import TeacherCache, resolve_cache_key
+from .config import load_config
 from .synthetic import _WORDS, write_corpus
 
 log = logging.getLogger(__name__)
@@ -115,15 +118,10 @@ def run_scale(work: Path, sizes: dict[str, int] | None = None, progress=print) -
         cfg = _config(model, work, name, tokens)
         progress(f"{name}: Stage 1")
         s1 = _run_stage("stages.teacher_cache", [str(cfg)], work / f"{name}-stage1.log")
-        from .cache import TeacherCache, resolve_cache_key
-        from .config import load_config
-
         manifest = TeacherCache(resolve_cache_key(load_config(cfg)).cache_dir).manifest
         progress(f"{name}: Stage 2")
         run_dir = work / "runs" / name
         if run_dir.exists():
-            import shutil
-
             shutil.rmtree(run_dir)
         s2 = _run_stage("stages.train", [str(cfg)], work / f"{name}-stage2.log", run_dir / "metrics.jsonl")
         metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]

@@ -21,7 +21,7 @@ import torch
 
 from . import cache as C
 from .config import ConfigError, MolConfig, dump_config
-from .corpora import CorpusError, Segment, SegmentPacker, SourceReport, check_report, plan_segments
+from .corpora import CorpusError, Segment, SegmentPacker, SourceReport, check_report, source_caps, source_segments
 from .model import load_model, load_tokenizer, pick_device
 
 log = logging.getLogger(__name__)
@@ -304,6 +304,14 @@ class _Labeller:
     seconds: float = 0.0
     tokens: int = 0
 
+    def probe_model(self, any_backend: bool):
+        """The teacher as a transformers model, for the fidelity probe: the labelling model when it
+        is one, else loaded once (a sharded vLLM pass's finalize: any_backend) or None."""
+        if self.model is None and (any_backend or self.cfg.teacher.backend == "transformers"):
+            self.model = load_model(self.model_path, self.cfg.model, device=self.device).eval()
+            self.vocab = max(self.vocab, self.model.get_output_embeddings().weight.shape[0])
+        return self.model
+
     def __call__(self, batch: list[np.ndarray]):
         if self.label is None:
             self.model, self.label = _teacher_backend(self.cfg, self.model_path, self.device, self.pad_id)
@@ -351,7 +359,7 @@ def _label_segment(cfg: MolConfig, unit: C.ResolvedUnit, segment: Segment, label
     if last is not None and last["end"]:
         return 0, True  # written by an earlier pass that stopped before the unit's manifest
     packer = SegmentPacker(unit.source, cfg.data, tokenizer, cfg.model.chat_template_kwargs, segment,
-                           C.effective_caps(unit.source, cfg), None if last is None else last["state"])
+                           source_caps(unit.source, cfg.data), None if last is None else last["state"])
     groups: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
     producer = threading.Thread(target=_produce, args=(packer, cfg.teacher.rows_per_shard, groups, stop),
@@ -387,11 +395,14 @@ def _plan(cfg: MolConfig, rk: C.ResolvedKey) -> list[tuple[int, Segment]]:
     """Every (unit index, segment) of the config, in order: item j belongs to worker j % N."""
     items = []
     for i, u in enumerate(rk.units):
-        caps = C.effective_caps(u.source, cfg)
         with _input_errors():
-            segs = plan_segments(u.source, cfg.data.segment_bytes, any(v is not None for v in caps.values()))
-        items += [(i, s) for s in segs]
+            items += [(i, s) for s in source_segments(u.source, cfg.data)]
     return items
+
+
+def _unit_items(plan: list[tuple[int, Segment]], i: int) -> tuple[list[Segment], int]:
+    """Unit i's segments, and the plan index of its first (which worker owns which follows)."""
+    return [s for j, s in plan if j == i], next(n for n, (j, _) in enumerate(plan) if j == i)
 
 
 def _reuse_unit(u: C.ResolvedUnit) -> C.CacheUnit:
@@ -497,12 +508,12 @@ def _unit_shards(u: C.ResolvedUnit, segments: list[Segment], n_workers: int, fir
 
 def _finalize_unit(cfg: MolConfig, u: C.ResolvedUnit, tokenizer, labeller: "_Labeller", device,
                    stats: list[dict], segments: list[Segment] | None = None, n_workers: int = 1,
-                   first_item: int = 0) -> None:
+                   first_item: int = 0, finalizing: bool = False) -> None:
     """Every segment of the unit is written: checksum, gather statistics, measure fidelity, write
-    the dataset card, then the manifest last."""
+    the dataset card, then the manifest last. `finalizing`: the finalize step of a sharded pass,
+    which measures fidelity with a transformers model whatever the backend."""
     if segments is None:
-        caps = C.effective_caps(u.source, cfg)
-        segments = plan_segments(u.source, cfg.data.segment_bytes, any(v is not None for v in caps.values()))
+        segments = source_segments(u.source, cfg.data)
     shards = _unit_shards(u, segments, n_workers, first_item)
     report = None
     counts = {sp: {"sequences": 0, "tokens": 0} for sp in ("train", "val")}
@@ -529,6 +540,8 @@ def _finalize_unit(cfg: MolConfig, u: C.ResolvedUnit, tokenizer, labeller: "_Lab
     check_report(report, u.source)
     total_tokens = counts["train"]["tokens"] + counts["val"]["tokens"]
     total_bytes = sum(m["bytes"] for m in meta)
+    probe = (labeller.probe_model(any_backend=finalizing)
+             if cfg.teacher.fidelity_sequences and u.labelled and counts["train"]["sequences"] else None)
     rs = np.array(sample if sample else [0.0])
     fwd_tokens = sum(s.get("forward_tokens", 0) for s in stats)
     fwd_seconds = sum(s.get("forward_seconds", 0.0) for s in stats)
@@ -560,15 +573,11 @@ def _finalize_unit(cfg: MolConfig, u: C.ResolvedUnit, tokenizer, labeller: "_Lab
     }
     # fidelity reads the shards; the manifest is written only after it, so "manifest exists" == complete
     if cfg.teacher.fidelity_sequences and u.labelled and counts["train"]["sequences"]:
-        model = labeller.model
-        if model is None and cfg.teacher.backend == "transformers":
-            model = load_model(labeller.model_path, cfg.model, device=device).eval()
-            labeller.model = model
-        if model is None:
+        if probe is None:
             log.info("fidelity not measured: the %s backend holds no transformers model (the finalize step of a "
                      "sharded pass measures it with one)", cfg.teacher.backend)
         else:
-            manifest["fidelity"] = measure_fidelity(model, C.CacheUnit.from_manifest(u.dir, manifest),
+            manifest["fidelity"] = measure_fidelity(probe, C.CacheUnit.from_manifest(u.dir, manifest),
                                                     cfg.teacher.fidelity_sequences, cfg.teacher.chunk_positions, device)
     C.write_card(u.dir, manifest)
     C.write_manifest(u.dir, manifest)
@@ -658,9 +667,7 @@ def finalize_cache(cfg: MolConfig) -> tuple[Path, str]:
         pending = [u for u in rk.units if not (u.dir / C.MANIFEST).is_file()]
         problems = []
         for u in pending:  # every unit checked before any manifest is written
-            i = rk.units.index(u)
-            segs = [s for j, s in plan if j == i]
-            first = next(n for n, (j, _) in enumerate(plan) if j == i)
+            segs, first = _unit_items(plan, rk.units.index(u))
             try:
                 _unit_shards(u, segs, n_workers, first)
             except C.CacheError as e:
@@ -678,11 +685,7 @@ def finalize_cache(cfg: MolConfig) -> tuple[Path, str]:
                     p.unlink(missing_ok=True)
                 stats = [json.loads(p.read_text()) for p in sorted(u.dir.glob("worker-*.json"))]
                 outcome[i]["labelled_tokens"] = sum(s["forward_tokens"] for s in stats)
-                segs = [s for j, s in plan if j == i]
-                first = next(n for n, (j, _) in enumerate(plan) if j == i)
-                if cfg.teacher.fidelity_sequences and u.labelled and labeller.model is None:
-                    labeller.model = load_model(rk.model_path, cfg.model, device=device).eval()
-                    labeller.vocab = max(labeller.vocab, labeller.model.get_output_embeddings().weight.shape[0])
-                _finalize_unit(cfg, u, tokenizer, labeller, device, stats, segs, n_workers, first)
+                segs, first = _unit_items(plan, i)
+                _finalize_unit(cfg, u, tokenizer, labeller, device, stats, segs, n_workers, first, finalizing=True)
         _write_set(cfg, rk, outcome, labeller, device, t0)
     return rk.cache_dir, "finalized"
