@@ -75,6 +75,7 @@ import pyarrow.parquet as pq
 
 from .config import MolConfig, SourceConfig, expand_path
 from .corpora import detect_format, source_caps, source_fingerprint
+from .errors import MolError
 from .files import sha256_path, write_atomic  # noqa: F401  (re-exported: callers use C.sha256_path)
 from .model import load_tokenizer, model_fingerprint, resolve_model_path, tokenizer_fingerprint
 
@@ -100,7 +101,7 @@ TEACHER_COLUMNS = (TOPK_IDS, TOPK_PROBS, RESIDUAL)
 SEGMENT_STRIDE = 1 << 32
 
 
-class CacheError(RuntimeError):
+class CacheError(MolError, RuntimeError):
     """A cache that is missing, incomplete, corrupt or does not match the run."""
 
 

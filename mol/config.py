@@ -9,7 +9,9 @@ share its unit.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,10 +20,15 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .errors import MolError
+
 CORPORA = ("domain", "general")
+# a run folder is one plain name inside train.out_dir: no separators, no leading dot, never `..`
+_RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=-]*")
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 
 
-class ConfigError(ValueError):
+class ConfigError(MolError, ValueError):
     """Every problem found in a config, reported at once."""
 
     def __init__(self, problems: list[str]):
@@ -84,6 +91,14 @@ class ModelConfig:
     chat_template_kwargs: dict = field(default_factory=dict)
     """Extra arguments for `apply_chat_template`, e.g. {enable_thinking: false} for Qwen3."""
 
+    def validate(self) -> list[str]:
+        out = []
+        if not self.name:
+            out.append("model.name is empty")
+        if not _DEVICE.fullmatch(self.device):
+            out.append(f"model.device must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
+        return out
+
 
 @dataclass
 class DataConfig:
@@ -112,8 +127,11 @@ class DataConfig:
             out.append("data.sources is empty: give at least one source")
         if self.max_seq_len < 2:
             out.append(f"data.max_seq_len must be >= 2 (one input and one target), got {self.max_seq_len}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            out.append(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.val_fraction == 0:
+            out.append("data.val_fraction must be > 0: Stage 2 validates on held-out sequences, and "
+                       "a cache without them cannot be trained from")
+        elif not 0.0 < self.val_fraction < 1.0:
+            out.append(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.segment_bytes < 1 << 10:
             out.append(f"data.segment_bytes must be >= 1024, got {self.segment_bytes}")
         for name in ("max_train_sequences", "max_val_sequences"):
@@ -127,6 +145,11 @@ class DataConfig:
             if key in seen:
                 out.append(f"data.sources[{i}]: duplicate source {s.path} for {s.corpus}/{s.subset}")
             seen.add(key)
+        caps = [s.max_val_sequences if s.max_val_sequences is not None else self.max_val_sequences
+                for s in self.sources]
+        if caps and all(c == 0 for c in caps):
+            out.append("no validation sequences: every source's max_val_sequences (or data.max_val_sequences) "
+                       "is 0, and Stage 2 validates on held-out sequences")
         return out
 
 
@@ -200,6 +223,8 @@ class LoraConfig:
         out = []
         if self.r < 1:
             out.append(f"train.lora.r must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            out.append(f"train.lora.alpha must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             out.append(f"train.lora.dropout must be in [0, 1), got {self.dropout}")
         bad = [m for m in self.target_modules if m in ("lm_head", "embed_out", "output")]
@@ -276,14 +301,20 @@ class TrainConfig:
             out.append(f"train.general_ratio must be > 0, got {self.general_ratio}")
         if self.lr <= 0:
             out.append(f"train.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            out.append(f"train.weight_decay must be >= 0, got {self.weight_decay}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             out.append(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            out.append(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.micro_batch < 1 or self.global_batch < 1:
             out.append("train.micro_batch and train.global_batch must be >= 1")
         elif self.global_batch % self.micro_batch:
             out.append(f"train.global_batch ({self.global_batch}) must be a multiple of "
                        f"train.micro_batch ({self.micro_batch})")
-        if self.max_steps is None and (self.epochs is None or self.epochs <= 0):
+        if self.epochs is not None and self.epochs <= 0:
+            out.append(f"train.epochs must be > 0, got {self.epochs}")
+        elif self.max_steps is None and self.epochs is None:
             out.append("set train.epochs > 0 or train.max_steps")
         if self.max_steps is not None and self.max_steps < 1:
             out.append(f"train.max_steps must be >= 1, got {self.max_steps}")
@@ -295,6 +326,17 @@ class TrainConfig:
             out.append(f"train.loss_chunk must be >= 1, got {self.loss_chunk}")
         if self.grad_clip < 0:
             out.append(f"train.grad_clip must be >= 0, got {self.grad_clip}")
+        for name in ("seed", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                out.append(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.out_dir:
+            out.append("train.out_dir is empty")
+        if self.run_name is not None and not _RUN_NAME.fullmatch(self.run_name):
+            out.append(f"train.run_name {self.run_name!r} must be one folder name inside train.out_dir "
+                       f"(letters, digits, . _ + = -; no /, no leading dot)")
+        if self.resume and not self.run_name:
+            out.append("train.resume=true needs train.run_name: the run folder to continue "
+                       "(it is never guessed, so a finished run is not extended by mistake)")
         if self.finetune == "lora":
             out += self.lora.validate()
         return out
@@ -311,6 +353,16 @@ class EvalConfig:
     batch_size: int = 4
     """Sequences per forward pass in evaluation."""
 
+    def validate(self) -> list[str]:
+        out = []
+        if self.mcq_items < 0:
+            out.append(f"eval.mcq_items must be >= 0, got {self.mcq_items}")
+        if self.batch_size < 1:
+            out.append(f"eval.batch_size must be >= 1, got {self.batch_size}")
+        if self.max_val_sequences is not None and self.max_val_sequences < 1:
+            out.append(f"eval.max_val_sequences must be >= 1 (validation needs sequences), got {self.max_val_sequences}")
+        return out
+
 
 @dataclass
 class MolConfig:
@@ -326,8 +378,10 @@ class MolConfig:
     """Evaluation of base vs trained."""
 
     def validate(self) -> list[str]:
-        return self.data.validate() + self.teacher.validate() + self.train.validate()
+        return [p for section in _SECTIONS for p in getattr(self, section).validate()]
 
+
+_SECTIONS = ("model", "data", "teacher", "train", "eval")
 
 # --------------------------------------------------------------------------- parsing
 
@@ -375,12 +429,15 @@ def _coerce(value: Any, tp, where: str, problems: list[str]) -> Any:
         if isinstance(value, str):
             # YAML 1.1 reads `1e-4` (no dot) as a string; accept what float() accepts
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{where}: expected a number, got {value!r}")
             return value
+        # NaN passes every range check written as a comparison; inf passes most
+        if not math.isfinite(value):
+            problems.append(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -453,7 +510,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), data:
             problems.append(f"override {o!r}: {e}")
     cfg = _build(MolConfig, raw, "", problems)
     # value checks run on every section, also one with type errors, so one pass lists everything
-    for section in ("data", "teacher", "train"):
+    for section in _SECTIONS:
         if cfg is None:
             break
         try:

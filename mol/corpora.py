@@ -23,13 +23,14 @@ from typing import Iterator
 import numpy as np
 
 from .config import DataConfig, SourceConfig, expand_path
+from .errors import MolError
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
 
 
-class CorpusError(ValueError):
+class CorpusError(MolError, ValueError):
     """A bad input record; the message names the file and line."""
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from .errors import MolError
 from .files import sha256_path, write_atomic
 from .config import mol_home
 
@@ -61,7 +62,7 @@ _CONTEXT_LABEL_RE = re.compile(r"^Context \(\d+\):\s*")
 _QUOTES_ONLY_RE = re.compile(r"[\s\"'“”]*")
 
 
-class DefaultDataError(RuntimeError):
+class DefaultDataError(MolError, RuntimeError):
     """The wheel could not be fetched, has unexpected content, or the output would leak."""
 
 

@@ -23,6 +23,7 @@ import torch
 from . import cache as C
 from .batching import collate, model_hidden, output_weight, subset_losses
 from .config import MolConfig, dump_config, expand_path
+from .errors import MolError
 from .losses import chunked_mol_loss, mol_weights
 from .model import load_model, load_tokenizer, model_fingerprint, pick_device, tokenizer_fingerprint
 from .reader import StreamingSequences
@@ -33,7 +34,7 @@ Progress = Callable[[int], None]
 MakeBar = Callable[[int, str], Progress]
 
 
-class TrainingError(RuntimeError):
+class TrainingError(MolError, RuntimeError):
     """Training cannot start or cannot go on (bad cache, non-finite loss...)."""
 
 

@@ -42,3 +42,60 @@ def test_bad_override_and_missing_file():
         load_config(ROOT / "data/default.yaml", ["train.alpha"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("nope.yaml")
+
+
+def _numeric_fields(cls=MolConfig, prefix=""):
+    """Every int/float field of the config tree as (dotted key, type), sources through index 0."""
+    import dataclasses
+    import typing
+
+    from mol.config import SourceConfig
+
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(inner[0]):
+            out += _numeric_fields(inner[0], key + ".")
+        elif typing.get_origin(tp) is list and typing.get_args(tp)[0] is SourceConfig:
+            out += _numeric_fields(SourceConfig, key + ".0.")
+        elif inner[0] in (int, float):
+            out.append((key, inner[0]))
+    return out
+
+
+def test_every_numeric_field_rejects_non_finite_and_impossible_values():
+    fields = _numeric_fields()
+    assert len(fields) >= 40  # the walk found the tree, not a stub
+    accepted = []
+    for key, tp in fields:
+        bad = [".nan", ".inf", "-.inf", "-1"] + (["1e400"] if tp is float else ["0.5"])
+        for value in bad:
+            try:
+                load_config(ROOT / "data/default.yaml", [f"{key}={value}"])
+            except ConfigError as e:
+                named = key.replace(".0.", "[0].") if ".0." in key else key
+                assert any(named.split(".")[-1] in p and named.split(".")[0] in p for p in e.problems), (key, e.problems)
+            else:
+                accepted.append(f"{key}={value}")
+    assert not accepted, accepted
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["data.val_fraction=0"], "data.val_fraction must be > 0"),
+    (["data.max_val_sequences=0", "data.sources.3.max_val_sequences=0"], "no validation sequences"),
+    ([f"data.sources.{i}.max_val_sequences=0" for i in range(4)], "no validation sequences"),
+    (["train.resume=true"], "train.resume=true needs train.run_name"),
+    (["train.run_name=../elsewhere"], "train.run_name"),
+    (["train.run_name=/tmp/x"], "train.run_name"),
+    (["train.run_name=a/b"], "train.run_name"),
+    (["train.run_name=.."], "train.run_name"),
+    (["train.run_name="], "train.run_name"),
+    (["model.device=gpu"], "model.device"),
+    (["eval.batch_size=0"], "eval.batch_size"),
+])
+def test_settings_that_guarantee_a_later_failure_are_rejected(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "data/default.yaml", overrides)
+    assert any(needle in p for p in e.value.problems), e.value.problems

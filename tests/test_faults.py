@@ -753,7 +753,7 @@ BAD_OVERRIDES = ["train.zz=1", "data.val_fraction=1.5"]
 # type errors and value errors in the same section: all of them in one run
 BAD_CONFIG_PROBLEMS = [
     "model.colour: unknown key", "data.max_seq_len must be >= 2",
-    "data.val_fraction must be in [0, 1), got 1.5", "teacher.top_k: expected an integer, got 'five'",
+    "data.val_fraction must be in (0, 1), got 1.5", "teacher.top_k: expected an integer, got 'five'",
     "teacher.batch_sise: unknown key", "teacher.rows_per_shard must be >= 1, got 0",
     "train.lr: expected a number, got 'fast'", "train.zz: unknown key", "train.alpha must be in [0, 1], got 1.5",
     "train.general_ratio must be > 0, got 0", "train.warmup_ratio must be in [0, 1), got 1.0",
