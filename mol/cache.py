@@ -75,7 +75,7 @@ import pyarrow.parquet as pq
 
 from .config import MolConfig, SourceConfig, expand_path
 from .corpora import detect_format, source_caps, source_fingerprint
-from .errors import MolError
+from .errors import MissingInput, MolError
 from .files import sha256_path, write_atomic  # noqa: F401  (re-exported: callers use C.sha256_path)
 from .model import load_tokenizer, model_fingerprint, resolve_model_path, tokenizer_fingerprint
 
@@ -418,7 +418,7 @@ def resolve_cache_key(cfg: MolConfig, tokenizer=None) -> ResolvedKey:
     for s in cfg.data.sources:
         p = expand_path(s.path)
         if not p.exists():
-            raise FileNotFoundError(f"{p}: source file does not exist (corpus {s.corpus}, subset {s.subset}); "
+            raise MissingInput(f"{p}: source file does not exist (corpus {s.corpus}, subset {s.subset}); "
                                     f"for the default data run `make data`")
         key = unit_key(cfg, s, model_fp=model_fp, tokenizer_fp=tok_fp, chat_template=tokenizer.chat_template,
                        source_fp=source_fingerprint(p), source_format=detect_format(p, s.format))

@@ -299,8 +299,10 @@ class TrainConfig:
             out.append(f"train.alpha must be in [0, 1], got {self.alpha}")
         if self.general_ratio <= 0:
             out.append(f"train.general_ratio must be > 0, got {self.general_ratio}")
-        if self.lr <= 0:
-            out.append(f"train.lr must be > 0, got {self.lr}")
+        if not 0 < self.lr <= 1:
+            # AdamW moves each weight by about lr a step: above 1 is never a learning rate (and above
+            # fp32's range the optimizer itself fails)
+            out.append(f"train.lr must be in (0, 1], got {self.lr}")
         if self.weight_decay < 0:
             out.append(f"train.weight_decay must be >= 0, got {self.weight_decay}")
         if not 0.0 <= self.warmup_ratio < 1.0:

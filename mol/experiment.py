@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .errors import StageFailed
+
 log = logging.getLogger(__name__)
 
 GENERAL_SETS = ("piqa", "openbookqa")       # general abilities, above chance for the default model
@@ -77,7 +79,7 @@ def _run_logged(cmd: list[str], log_path: Path, env: dict) -> float:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     if rc != 0:
         tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-15:])
-        raise RuntimeError(f"{' '.join(cmd)} exited {rc}; log {log_path}:\n{tail}")
+        raise StageFailed(f"{' '.join(cmd)} exited {rc}; log {log_path}:\n{tail}")
     return time.time() - t0
 
 

@@ -3,6 +3,7 @@ anything may import it)."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 from pathlib import Path
@@ -28,3 +29,15 @@ def write_atomic(path: Path, data: bytes) -> None:
     except OSError:
         tmp.unlink(missing_ok=True)  # a full disk must not also keep the partial copy
         raise
+
+
+def try_lock(path: Path, shared: bool = False) -> int:
+    """Take an advisory lock on `path` (created if absent) without waiting; returns the descriptor
+    (closing it releases the lock, as does the process's death). Raises BlockingIOError if held."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    return fd

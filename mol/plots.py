@@ -20,8 +20,14 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from .config import CORPORA, load_config
+from .errors import MissingInput, MolError
 
 log = logging.getLogger(__name__)
+
+
+class PlotError(MolError, ValueError):
+    """Metrics that cannot be plotted (no records, an unknown key)."""
+
 
 METRICS = "metrics.jsonl"
 PLOTS_DIR = "plots"
@@ -35,7 +41,7 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     still writing) is skipped with a warning rather than failing the whole plot."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: no metrics to plot")
+        raise MissingInput(f"{path} does not exist: no metrics to plot")
     train, val, bad = [], [], 0
     for line in path.read_text().splitlines():
         if not line.strip():
@@ -54,7 +60,7 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     if bad:
         log.warning("%s: skipped %d malformed lines", path, bad)
     if not train and not val:
-        raise ValueError(f"{path}: no train or val records")
+        raise PlotError(f"{path}: no train or val records")
     return train, val
 
 
@@ -200,7 +206,7 @@ def plot_compare(run_dirs: list[Path], out: Path, key: str = "ce/domain", record
         ax.plot(x, y, marker="o", ms=4, lw=1.5, color=colours(i % 10), label=run_dir.name)
         plotted += 1
     if not plotted:
-        raise ValueError(f"none of the runs has validation values for {key!r}")
+        raise PlotError(f"none of the runs has validation values for {key!r}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     return _save(fig, ax, out)

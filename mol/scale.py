@@ -24,6 +24,7 @@ import yaml
 
 from .cache import TeacherCache, resolve_cache_key
 from .config import load_config
+from .errors import StageFailed
 from .synthetic import _WORDS, write_corpus
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def _run_stage(module: str, args: list[str], log_path: Path, first_step_file: Pa
         time.sleep(0.02)
     rc = os.waitstatus_to_exitcode(status)
     if rc != 0:
-        raise RuntimeError(f"{module} {' '.join(args)} failed ({rc}); see {log_path}:\n{log_path.read_text()[-2000:]}")
+        raise StageFailed(f"{module} {' '.join(args)} failed ({rc}); see {log_path}:\n{log_path.read_text()[-2000:]}")
     return {"seconds": time.monotonic() - t0, "peak_rss_mb": usage.ru_maxrss / 1024, "first_step_s": first}
 
 

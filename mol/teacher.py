@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ import torch
 from . import cache as C
 from .config import ConfigError, MolConfig, dump_config
 from .corpora import CorpusError, Segment, SegmentPacker, SourceReport, check_report, source_caps, source_segments
+from .files import try_lock
 from .model import load_model, load_tokenizer, pick_device
 
 log = logging.getLogger(__name__)
@@ -204,12 +204,9 @@ def cache_lock(folder: Path, worker: int | None = None, shared: bool = False, wh
     folder.mkdir(parents=True, exist_ok=True)
     fds = []
     try:
-        for name, mode in ([(".lock", fcntl.LOCK_SH if shared else fcntl.LOCK_EX)]
-                           + ([(f".lock-worker-{worker:04d}", fcntl.LOCK_EX)] if worker is not None else [])):
-            fd = os.open(folder / name, os.O_CREAT | os.O_RDWR)
-            fds.append(fd)
+        for name, share in ([(".lock", shared)] + ([(f".lock-worker-{worker:04d}", False)] if worker is not None else [])):
             try:
-                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                fds.append(try_lock(folder / name, shared=share))
             except BlockingIOError:
                 who = (f"another process as worker {worker}" if name != ".lock"
                        else "another teacher pass" if not shared else "a single (unsharded) pass or a finalize")

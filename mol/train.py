@@ -5,12 +5,9 @@ No second model is loaded: the KL term reads the base model's top-k labels from 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import pickle
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -22,11 +19,13 @@ import torch
 
 from . import cache as C
 from .batching import collate, model_hidden, output_weight, subset_losses
-from .config import MolConfig, dump_config, expand_path
+from .config import MolConfig, expand_path
 from .errors import MolError
 from .losses import chunked_mol_loss, mol_weights
-from .model import load_model, load_tokenizer, model_fingerprint, pick_device, tokenizer_fingerprint
+from .model import (load_model, load_tokenizer, model_fingerprint, pick_device, resolve_model_path,
+                    tokenizer_fingerprint)
 from .reader import StreamingSequences
+from .run_folder import TENSORBOARD, RunFolder, non_finite
 
 log = logging.getLogger(__name__)
 
@@ -126,60 +125,6 @@ def build_student(cfg: MolConfig, model_path: Path, device: torch.device):
     return model
 
 
-def trainable_state(model) -> dict:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def _ckpt_root(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
-
-
-def save_checkpoint(run_dir: Path, step: int, model, opt, keep: int = 2) -> Path:
-    """Write to a temp folder, then rename: `latest` only ever points at a complete checkpoint."""
-    root = _ckpt_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
-    # temp folders of a killed save (any pid) are never a checkpoint; one trainer per run folder
-    for stale in root.glob(".tmp-step-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp.mkdir()
-    torch.save({"step": step, "trainable": trainable_state(model), "optimizer": opt.state_dict(),
-                "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
-    with open(tmp / "state.pt", "rb") as f:
-        os.fsync(f.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    C.write_atomic(root / "latest", final.name.encode())
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(run_dir: Path, model, opt) -> int:
-    root = _ckpt_root(run_dir)
-    latest = root / "latest"
-    if not latest.is_file():
-        raise TrainingError(f"resume=true but {run_dir} has no checkpoint")
-    path = root / latest.read_text().strip() / "state.pt"
-    try:
-        # tensors and plain containers only: unpickling anything else could run code from the file
-        state = torch.load(path, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError) as e:
-        raise TrainingError(f"{path}: not a checkpoint this trainer wrote; refused to load it (only tensors "
-                            f"and plain containers are read, never pickled objects): {str(e).splitlines()[0]}") from None
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, v in state["trainable"].items():
-            params[n].copy_(v.to(params[n].device))
-    opt.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    return state["step"]
-
-
 # --------------------------------------------------------------------------- the loop
 
 
@@ -251,24 +196,6 @@ def grad_probe(model, params: list, rows: list[dict], k: int, chunk: int, device
     return out
 
 
-def default_run_name(cfg: MolConfig) -> str:
-    t = cfg.train
-    return f"{t.mode}-a{t.alpha:g}-r{t.general_ratio:g}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def resolve_run_dir(cfg: MolConfig) -> Path:
-    out = expand_path(cfg.train.out_dir)
-    if cfg.train.run_name:
-        return out / cfg.train.run_name
-    if cfg.train.resume:
-        prefix = f"{cfg.train.mode}-a{cfg.train.alpha:g}-r{cfg.train.general_ratio:g}-"
-        runs = sorted(p for p in out.glob(prefix + "*") if (p / "checkpoints" / "latest").is_file())
-        if not runs:
-            raise TrainingError(f"resume=true: no run in {out} named {prefix}* has a checkpoint; set train.run_name")
-        return runs[-1]
-    return out / default_run_name(cfg)
-
-
 def open_cache(cfg: MolConfig, model_path: Path, tokenizer) -> C.TeacherCache:
     """The run's cache, verified (checksums) and checked against the run's model, tokenizer and k."""
     if cfg.train.cache_dir:
@@ -287,150 +214,112 @@ def open_cache(cfg: MolConfig, model_path: Path, tokenizer) -> C.TeacherCache:
     return cache
 
 
-def _jsonl_append(path: Path, rec: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+@dataclass
+class _Data:
+    """The run's sequences, streamed, never loaded: an index of 8 bytes a sequence and a bounded
+    cache of decoded row groups per split."""
+
+    domain: StreamingSequences
+    general: StreamingSequences
+    val: StreamingSequences
+    plan: DataPlan
+
+    @classmethod
+    def open(cls, cache: C.TeacherCache, t) -> "_Data":
+        budget = t.reader_cache_mb << 20
+        dom = StreamingSequences(cache, "train", "domain", max_cache_bytes=budget)
+        gen = StreamingSequences(cache, "train", "general", max_cache_bytes=budget)
+        val = StreamingSequences(cache, "val", max_cache_bytes=budget)
+        if len(dom) == 0:
+            raise TrainingError(f"cache {cache.path} holds no domain training sequences")
+        if len(val) == 0:
+            raise TrainingError(f"cache {cache.path} holds no validation sequences (each subset's held-out "
+                                f"documents are too few for data.val_fraction); validation needs some")
+        if t.mode == "mol" and not gen.has_teacher.all():
+            raise TrainingError(f"cache {cache.path} lacks teacher labels on general sequences; MoL needs them")
+        if t.mode == "mol" and not cache.label_domain:
+            log.warning("cache has no teacher labels on domain text (label_domain=false): the α·KL term on "
+                        "domain sequences is omitted")
+        return cls(dom, gen, val, DataPlan(np.arange(len(dom)), np.arange(len(gen)), t.general_ratio, t.seed))
+
+    def rows(self, corpus: str) -> StreamingSequences:
+        return self.domain if corpus == "domain" else self.general
+
+    def close(self) -> None:
+        for reader in (self.domain, self.general, self.val):
+            reader.close()
 
 
-def _truncate_metrics(path: Path, step: int, final_step: int) -> None:
-    """On resume from the checkpoint at `step` (0: none), drop every line the restarted run writes
-    again: all lines after the checkpoint, the step-0 validation when there is no checkpoint, and
-    the final validation when the checkpoint is the last step (it runs after that checkpoint)."""
-    if not path.is_file():
-        return
-    keep = []
-    for ln in path.read_text().splitlines():
-        try:
-            rec = json.loads(ln)
-        except ValueError:
-            continue  # blank, or the last line torn by the kill
-        s = rec.get("step", -1)
-        if s < step or (s == step and step > 0 and not (rec.get("type") == "val" and step == final_step)):
-            keep.append(ln)
-    C.write_atomic(path, ("\n".join(keep) + "\n" if keep else "").encode())
-
-
-def train(cfg: MolConfig, make_bar: Optional[MakeBar] = None, stop_after: Optional[int] = None) -> Path:
-    """Run Stage 2; returns the run folder. `stop_after` ends early after that step (tests of resume)."""
-    from .model import resolve_model_path
-
-    make_bar = make_bar or (lambda total, desc: (lambda n: None))
-    t = cfg.train
-    procs = _Processes(pick_device(cfg.model.device))
-    device = procs.device
-    model_path = resolve_model_path(cfg.model.name)
-    tokenizer = load_tokenizer(model_path)
-    cache = open_cache(cfg, model_path, tokenizer)
-    k = cache.k
-
-    # streamed, not loaded: an index of 8 bytes a sequence and a bounded cache of decoded row groups
-    budget = t.reader_cache_mb << 20
-    dom = StreamingSequences(cache, "train", "domain", max_cache_bytes=budget)
-    gen = StreamingSequences(cache, "train", "general", max_cache_bytes=budget)
-    val = StreamingSequences(cache, "val", max_cache_bytes=budget)
-    if t.mode == "mol" and not gen.has_teacher.all():
-        raise TrainingError(f"cache {cache.path} lacks teacher labels on general sequences; MoL needs them")
-    if t.mode == "mol" and not cache.label_domain:
-        log.warning("cache has no teacher labels on domain text (label_domain=false): the α·KL term on "
-                    "domain sequences is omitted")
-    rows = {"domain": dom, "general": gen}
-    plan = DataPlan(np.arange(len(dom)), np.arange(len(gen)), t.general_ratio, t.seed)
-    steps = total_steps(cfg, plan)
-    if t.global_batch % (t.micro_batch * procs.world):
+def _batch_split(t, world: int) -> tuple[int, int]:
+    """(sequences per process, micro-batches per optimizer step)."""
+    if t.global_batch % (t.micro_batch * world):
         raise TrainingError(f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch x "
-                            f"processes ({t.micro_batch} x {procs.world}): the global batch is split across "
+                            f"processes ({t.micro_batch} x {world}): the global batch is split across "
                             f"processes, not multiplied")
-    per_process = t.global_batch // procs.world
-    accum = per_process // t.micro_batch
+    per_process = t.global_batch // world
+    return per_process, per_process // t.micro_batch
 
-    run_dir = resolve_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = run_dir / "metrics.jsonl"
-    if not t.resume and (metrics_path.exists() or _ckpt_root(run_dir).exists()):
-        raise TrainingError(f"{run_dir} already holds a run; set train.resume=true or another train.run_name")
-    procs.barrier()  # every process has checked before rank 0 writes anything
-    if procs.main:
-        dump_config(cfg, run_dir / "config.yaml")
 
-    torch.manual_seed(t.seed)
-    model = build_student(cfg, model_path, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    start = 0
-    if t.resume:
-        if (_ckpt_root(run_dir) / "latest").is_file():
-            start = load_checkpoint(run_dir, model, opt)
-            log.info("resumed %s at step %d of %d", run_dir, start, steps)
-        if procs.main:
-            _truncate_metrics(metrics_path, start, steps)
-    n_trainable = sum(p.numel() for p in params)
-    log.info("run %s: %d steps x %d sequences (%d domain + %d general per epoch), %s, %.2fM trainable params%s",
-             run_dir, steps, t.global_batch, len(dom), plan.general_per_epoch, t.finetune, n_trainable / 1e6,
-             f", {procs.world} processes x {per_process} sequences" if procs.world > 1 else "")
-    # DDP wraps the hidden-state forward only: the chunked loss reads the output weight directly
-    hidden_fn = procs.acc.prepare_model(_HiddenStates(model)) if procs.acc is not None else None
+class _Loop:
+    """One run's training state and the three things done with it: an optimizer step, a validation,
+    a checkpoint. Rank 0 alone writes (metrics, TensorBoard, checkpoints)."""
 
-    tb = None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
+    def __init__(self, cfg: MolConfig, procs: _Processes, run: RunFolder, data: _Data, model, k: int):
+        self.cfg, self.t, self.procs, self.run, self.data, self.model, self.k = cfg, cfg.train, procs, run, data, model, k
+        self.device = procs.device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=self.t.lr, weight_decay=self.t.weight_decay)
+        self.per_process, self.accum = _batch_split(self.t, procs.world)
+        # DDP wraps the hidden-state forward only: the chunked loss reads the output weight directly
+        self.hidden_fn = procs.acc.prepare_model(_HiddenStates(model)) if procs.acc is not None else None
+        self.tb = None
 
-        tb = SummaryWriter(str(run_dir / "tb"), purge_step=start or None) if procs.main else None
-    except ImportError:  # tensorboard is optional at run time
-        pass
+    def open_tensorboard(self, start: int) -> None:
+        if self.procs.main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
 
-    def validate(step: int) -> dict:
-        """Rank 0 validates on the unwrapped model (no collectives); the others wait."""
-        rec = _validate(step) if procs.main else {}
-        procs.barrier()
-        return rec
+                self.tb = SummaryWriter(str(self.run.path / TENSORBOARD), purge_step=start or None)
+            except ImportError:  # tensorboard is optional at run time
+                pass
 
-    def _validate(step: int) -> dict:
-        res = subset_losses(model, val, k, device, batch_size=cfg.eval.batch_size, chunk=t.loss_chunk,
-                            max_per_subset=cfg.eval.max_val_sequences)
-        rec = {"type": "val", "step": step, **res}
-        if t.grad_probe_sequences:
-            probe_rows = [gen.row(i) for i in range(min(t.grad_probe_sequences, len(gen)))]
-            rec.update(grad_probe(model, params, probe_rows, k, t.loss_chunk, device))
-        _jsonl_append(metrics_path, rec)
-        if tb:
-            for key, v in rec.items():
-                if key not in ("type", "step") and not key.startswith("tokens/"):
-                    tb.add_scalar(f"val/{key}", v, step)
-        log.info("val step %d: %s", step, "  ".join(f"{k_}={v:.4f}" for k_, v in res.items() if k_.startswith("ce/")))
-        return rec
+    def _stopped(self, what: str, step: int) -> TrainingError:
+        latest = self.run.latest_checkpoint()
+        return TrainingError(f"{what} at step {step}; stopped, nothing saved from this step. "
+                             + (f"The last checkpoint, {latest}, holds finite weights (every saved one is checked)"
+                                if latest else "No checkpoint had been written yet"))
 
-    if start == 0:
-        validate(0)
-    weight = output_weight(model)
-    bar = make_bar(steps, "train") if procs.main else (lambda n: None)
-    bar(start)
-    t0 = time.time()
-    last = {}
-    for step in range(start, steps):
+    def _items(self, step: int) -> list[tuple[str, int]]:
+        rank, n = self.procs.rank, self.per_process
+        return self.data.plan.step_items(step, self.t.global_batch)[rank * n:(rank + 1) * n]
+
+    def step(self, step: int, steps: int) -> dict:
+        """Optimizer step `step` (0-based) over this rank's share of the global batch."""
+        t, procs, device = self.t, self.procs, self.device
         ts = time.time()
-        lr = lr_at(step, steps, cfg)
-        for g in opt.param_groups:
+        lr = lr_at(step, steps, self.cfg)
+        for g in self.opt.param_groups:
             g["lr"] = lr
-        items = plan.step_items(step, t.global_batch)
-        items = items[procs.rank * per_process:(procs.rank + 1) * per_process]
+        items = self._items(step)
         if step + 1 < steps:  # this rank's next step is decoded while this one trains
-            nxt = plan.step_items(step + 1, t.global_batch)[procs.rank * per_process:(procs.rank + 1) * per_process]
+            nxt = self._items(step + 1)
             for c in ("domain", "general"):
-                rows[c].prefetch([i for cc, i in nxt if cc == c])
+                self.data.rows(c).prefetch([i for cc, i in nxt if cc == c])
         agg = {f"{q}/{c}": 0.0 for q in ("ce", "kl") for c in ("domain", "general")}
         cnt = {"domain": 0, "general": 0}
         loss_total, tokens = 0.0, 0
-        for m in range(accum):
+        weight = output_weight(self.model)
+        for m in range(self.accum):
             mb = items[m * t.micro_batch:(m + 1) * t.micro_batch]
-            batch_rows = [rows[c].row(i) for c, i in mb]
-            b = collate(batch_rows, k, device, with_teacher=t.mode == "mol")
+            b = collate([self.data.rows(c).row(i) for c, i in mb], self.k, device, with_teacher=t.mode == "mol")
             w_ce, w_kl = mol_weights(b["is_domain"], t.alpha, t.mode)
             w_ce, w_kl = w_ce.to(device), (w_kl.to(device) * b["has_teacher"])
             # gradients are all-reduced once, on the last micro-batch of the step
-            sync = procs.acc.no_sync(hidden_fn) if hidden_fn is not None and m < accum - 1 else nullcontext()
+            last_mb = m == self.accum - 1
+            sync = procs.acc.no_sync(self.hidden_fn) if self.hidden_fn is not None and not last_mb else nullcontext()
             with sync:
-                h = (hidden_fn(b[C.INPUT_IDS], b["attention_mask"]) if hidden_fn is not None
-                     else model_hidden(model, b))[:, :-1]
+                h = (self.hidden_fn(b[C.INPUT_IDS], b["attention_mask"]) if self.hidden_fn is not None
+                     else model_hidden(self.model, b))[:, :-1]
                 out = chunked_mol_loss(h, weight, b["target_ids"], b["mask"], b.get(C.TOPK_IDS),
                                        b.get(C.TOPK_PROBS), b.get(C.RESIDUAL), w_ce, w_kl, chunk_size=t.loss_chunk)
                 # normalised once per optimizer step: every micro-batch divides by the global batch;
@@ -449,77 +338,142 @@ def train(cfg: MolConfig, make_bar: Optional[MakeBar] = None, stop_after: Option
             agg = dict(zip(keys, summed[4:]))
         loss = loss_total / t.global_batch
         if not math.isfinite(loss):
-            raise TrainingError(f"non-finite loss {loss} at step {step + 1}; stopped before the update. The last "
-                                f"good checkpoint (if any) is in {_ckpt_root(run_dir)}")
-        gnorm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+            raise self._stopped(f"non-finite loss {loss} before the update", step + 1)
+        gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip if t.grad_clip > 0 else float("inf")))
         # a finite loss can still have NaN/inf gradients; stepping on them would poison the weights
-        # and then the next checkpoint
-        if not math.isfinite(float(gnorm)):
-            raise TrainingError(f"non-finite gradient norm {float(gnorm)} at step {step + 1} (loss {loss:.4f}); "
-                                f"stopped before the update. The last good checkpoint (if any) is in "
-                                f"{_ckpt_root(run_dir)}")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        dt = time.time() - ts
-        rec = {"type": "train", "step": step + 1, "loss": loss, "grad_norm": float(gnorm), "lr": lr,
-               "tokens": tokens, "tokens_per_s": tokens / dt, "elapsed_s": time.time() - t0}
+        if not math.isfinite(gnorm):
+            raise self._stopped(f"non-finite gradient norm {gnorm} (loss {loss:.4f}) before the update", step + 1)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        # finite gradients can still overflow the weights (a huge learning rate or weight decay)
+        bad = non_finite((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
+        if bad:
+            raise self._stopped(f"non-finite weights after the update (lr {lr:.3g}) in {', '.join(bad[:3])}"
+                                f"{' ...' if len(bad) > 3 else ''}", step + 1)
+        rec = {"type": "train", "step": step + 1, "loss": loss, "grad_norm": gnorm, "lr": lr,
+               "tokens": tokens, "tokens_per_s": tokens / (time.time() - ts)}
         for c in ("domain", "general"):
             if cnt[c]:
                 rec[f"ce/{c}"] = agg[f"ce/{c}"] / cnt[c]
                 if t.mode == "mol":
                     rec[f"kl/{c}"] = agg[f"kl/{c}"] / cnt[c]
-        if procs.main:
-            _jsonl_append(metrics_path, rec)
-        if tb:
+        return rec
+
+    def log_step(self, rec: dict, steps: int) -> None:
+        if not self.procs.main:
+            return
+        self.run.append_metric(rec)
+        if self.tb:
             for key in ("loss", "grad_norm", "lr", "tokens_per_s", "ce/domain", "ce/general", "kl/domain", "kl/general"):
                 if key in rec:
-                    tb.add_scalar(f"train/{key}", rec[key], step + 1)
-        if procs.main:
-            log.info("step %d/%d loss %.4f ce(d/g) %.3f/%.3f kl(d/g) %.4f/%.4f gnorm %.3f lr %.2e %.0f tok/s",
-                 step + 1, steps, loss, rec.get("ce/domain", float("nan")), rec.get("ce/general", float("nan")),
-                 rec.get("kl/domain", float("nan")), rec.get("kl/general", float("nan")), rec["grad_norm"], lr,
-                 rec["tokens_per_s"])
-        bar(1)
-        last = rec
-        done = step + 1
-        if (t.eval_every and done % t.eval_every == 0) and done != steps:
-            validate(done)
-        if (t.save_every and done % t.save_every == 0) or done == steps or done == stop_after:
-            if procs.main:
-                save_checkpoint(run_dir, done, model, opt)
-            procs.barrier()
-        if stop_after is not None and done >= stop_after and done != steps:
-            for reader in (dom, gen, val):
-                reader.close()
-            return run_dir
+                    self.tb.add_scalar(f"train/{key}", rec[key], rec["step"])
+        nan = float("nan")
+        log.info("step %d/%d loss %.4f ce(d/g) %.3f/%.3f kl(d/g) %.4f/%.4f gnorm %.3f lr %.2e %.0f tok/s",
+                 rec["step"], steps, rec["loss"], rec.get("ce/domain", nan), rec.get("ce/general", nan),
+                 rec.get("kl/domain", nan), rec.get("kl/general", nan), rec["grad_norm"], rec["lr"], rec["tokens_per_s"])
 
-    final_val = validate(steps)
-    if tb:
-        tb.close()
-    for reader in (dom, gen, val):
-        reader.close()
-    if procs.main:
-        _save_outputs(cfg, run_dir, model, tokenizer, model_path, cache, steps, last, final_val, time.time() - t0)
-    procs.barrier()
-    return run_dir
+    def validate(self, step: int) -> dict:
+        """Rank 0 validates on the unwrapped model (no collectives); the others wait."""
+        rec = {}
+        if self.procs.main:
+            t = self.t
+            res = subset_losses(self.model, self.data.val, self.k, self.device, batch_size=self.cfg.eval.batch_size,
+                                chunk=t.loss_chunk, max_per_subset=self.cfg.eval.max_val_sequences)
+            rec = {"type": "val", "step": step, **res}
+            if t.grad_probe_sequences:
+                probe_rows = [self.data.general.row(i) for i in range(min(t.grad_probe_sequences, len(self.data.general)))]
+                rec.update(grad_probe(self.model, self.params, probe_rows, self.k, t.loss_chunk, self.device))
+            self.run.append_metric(rec)
+            if self.tb:
+                for key, v in rec.items():
+                    if key not in ("type", "step") and not key.startswith("tokens/"):
+                        self.tb.add_scalar(f"val/{key}", v, step)
+            log.info("val step %d: %s", step, "  ".join(f"{q}={v:.4f}" for q, v in res.items() if q.startswith("ce/")))
+        self.procs.barrier()
+        return rec
+
+    def checkpoint(self, step: int) -> None:
+        if self.procs.main:
+            self.run.save_checkpoint(step, self.model, self.opt)
+        self.procs.barrier()
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+        self.data.close()
 
 
-def _save_outputs(cfg, run_dir, model, tokenizer, model_path, cache, steps, last, final_val, seconds) -> None:
+def train(cfg: MolConfig, make_bar: Optional[MakeBar] = None, stop_after: Optional[int] = None) -> Path:
+    """Run Stage 2; returns the run folder. `stop_after` ends early after that step (tests of resume).
+
+    Everything a run could refuse is checked before the model is loaded, in order of cost: the batch
+    split, the run folder (lock, fresh or resumable with the settings it started with), the cache
+    (checksums and contract) and, on resume, that it is the cache the run started from."""
+    make_bar = make_bar or (lambda total, desc: (lambda n: None))
     t = cfg.train
-    if t.finetune == "lora":
-        model.save_pretrained(run_dir / "adapter")
-        if t.merge:
-            merged = model.merge_and_unload()
-            merged.save_pretrained(run_dir / "merged")
-            tokenizer.save_pretrained(run_dir / "merged")
-    else:
-        model.save_pretrained(run_dir / "model")
-        tokenizer.save_pretrained(run_dir / "model")
-    summary = {
-        "run_dir": str(run_dir), "cache_dir": str(cache.path), "cache_fingerprint": cache.manifest["fingerprint"],
-        "model_path": str(model_path), "finetune": t.finetune, "mode": t.mode, "alpha": t.alpha,
-        "general_ratio": t.general_ratio, "final_step": steps, "train_seconds": seconds,
-        "domain_kl_labels": cache.label_domain, "last_train": last, "final_val": final_val,
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log.info("run finished: %s", run_dir)
+    procs = _Processes(pick_device(cfg.model.device))
+    _batch_split(t, procs.world)
+    run = RunFolder.for_config(cfg)
+    with run.lock() if procs.main else nullcontext():
+        changes = run.check_resume(cfg) if t.resume else run.check_fresh()
+        procs.barrier()  # every process has checked before rank 0 writes anything
+        model_path = resolve_model_path(cfg.model.name)
+        tokenizer = load_tokenizer(model_path)
+        cache = open_cache(cfg, model_path, tokenizer)
+        fingerprint = cache.manifest["fingerprint"]
+        if t.resume:
+            run.check_cache(fingerprint)
+        data = _Data.open(cache, t)
+        steps = total_steps(cfg, data.plan)
+        if procs.main and not t.resume:
+            run.start(cfg, fingerprint, cache.path)
+
+        torch.manual_seed(t.seed)
+        model = build_student(cfg, model_path, procs.device)
+        loop = _Loop(cfg, procs, run, data, model, cache.k)
+        start = 0
+        if t.resume:
+            if run.latest_checkpoint() is not None:
+                start = run.load_checkpoint(model, loop.opt)
+                log.info("resumed %s at step %d of %d", run.path, start, steps)
+            if procs.main:
+                run.record_resume(start, changes)
+                run.truncate_metrics(start, steps)
+        loop.open_tensorboard(start)
+        log.info("run %s: %d steps x %d sequences (%d domain + %d general per epoch), %s, %.2fM trainable params%s",
+                 run.path, steps, t.global_batch, len(data.domain), data.plan.general_per_epoch, t.finetune,
+                 sum(p.numel() for p in loop.params) / 1e6,
+                 f", {procs.world} processes x {loop.per_process} sequences" if procs.world > 1 else "")
+
+        if start == 0:
+            loop.validate(0)
+        bar = make_bar(steps, "train") if procs.main else (lambda n: None)
+        bar(start)
+        t0, last = time.time(), {}
+        for step in range(start, steps):
+            last = loop.step(step, steps)
+            last["elapsed_s"] = time.time() - t0
+            loop.log_step(last, steps)
+            bar(1)
+            done = step + 1
+            if t.eval_every and done % t.eval_every == 0 and done != steps:
+                loop.validate(done)
+            if (t.save_every and done % t.save_every == 0) or done == steps or done == stop_after:
+                loop.checkpoint(done)
+            if stop_after is not None and done >= stop_after and done != steps:
+                loop.close()
+                return run.path
+
+        final_val = loop.validate(steps)
+        loop.close()
+        if procs.main:
+            run.save_weights(model, tokenizer, t.finetune, t.merge)
+            run.write_summary({
+                "run_dir": str(run.path), "cache_dir": str(cache.path), "cache_fingerprint": fingerprint,
+                "model_path": str(model_path), "finetune": t.finetune, "mode": t.mode, "alpha": t.alpha,
+                "general_ratio": t.general_ratio, "final_step": steps, "train_seconds": time.time() - t0,
+                "domain_kl_labels": cache.label_domain, "last_train": last, "final_val": final_val,
+            })
+            log.info("run finished: %s", run.path)
+        procs.barrier()
+    return run.path

@@ -19,15 +19,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mol.bench import FIGURE_IDS, SECTIONS, json_safe, run_all, to_markdown
-from mol.cache import CacheError
-from mol.config import ConfigError, load_config
-from stages._cli import setup_logging, token_bar
+from mol.config import load_config
+from stages._cli import entry_point, token_bar
 
 _SECTIONS = len(SECTIONS)
 
 
+@entry_point
 def main(argv=None) -> int:
-    setup_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
@@ -40,24 +39,20 @@ def main(argv=None) -> int:
     command = "python -m stages.bench" + ("".join(" " + shlex.quote(a) for a in argv))
     if os.environ.get("MAKELEVEL"):
         command = f"make bench{' ARGS=' + shlex.quote(' '.join(argv)) if argv else ''}  ({command})"
-    try:
-        overrides = list(args.overrides) + ([f"model.name={args.model}"] if args.model else [])
-        cfg = load_config(args.config, overrides)
-        bar = tqdm(total=_SECTIONS, desc="bench", unit="part", dynamic_ncols=True)
-        started = []
+    overrides = list(args.overrides) + ([f"model.name={args.model}"] if args.model else [])
+    cfg = load_config(args.config, overrides)
+    bar = tqdm(total=_SECTIONS, desc="bench", unit="part", dynamic_ncols=True)
+    started = []
 
-        def section(name: str) -> None:
-            if started:
-                bar.update(1)
-            started.append(name)
-            bar.set_postfix_str(name)
+    def section(name: str) -> None:
+        if started:
+            bar.update(1)
+        started.append(name)
+        bar.set_postfix_str(name)
 
-        res = run_all(cfg, quick=args.quick, threads=args.threads, section=section, make_bar=token_bar)
-        bar.update(_SECTIONS - bar.n)
-        bar.close()
-    except (ConfigError, CacheError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    res = run_all(cfg, quick=args.quick, threads=args.threads, section=section, make_bar=token_bar)
+    bar.update(_SECTIONS - bar.n)
+    bar.close()
     res["meta"]["command"] = command
     md = to_markdown(res, command)
     out = Path(args.out)

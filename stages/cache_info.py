@@ -20,8 +20,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mol.cache import MANIFEST, SETS_DIR, UNITS_DIR, CacheError, CacheUnit, TeacherCache, resolve_cache_key
-from mol.config import ConfigError, expand_path, load_config, mol_home
-from stages._cli import setup_logging
+from mol.config import expand_path, load_config, mol_home
+from stages._cli import entry_point
 
 
 def describe(cache: TeacherCache) -> str:
@@ -137,8 +137,9 @@ def garbage_collect(configs: list[str], yes: bool) -> int:
     return 0
 
 
+@entry_point
+@entry_point
 def main(argv=None) -> int:
-    setup_logging()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", nargs="?", help="YAML config naming the cache")
     ap.add_argument("overrides", nargs="*")
@@ -149,39 +150,35 @@ def main(argv=None) -> int:
     ap.add_argument("--gc", nargs="+", metavar="CONFIG", help="remove units none of these configs uses")
     ap.add_argument("--yes", action="store_true", help="with --gc: really remove (default: dry run)")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        if args.gc:
-            return garbage_collect(args.gc + ([args.config] if args.config else []), args.yes)
-        if args.list:
-            root = (Path(args.root) if args.root else expand_path(load_config(args.config, args.overrides).teacher.cache_root)
-                    if args.config else mol_home() / "teacher")
-            print(inventory(root))
-            return 0
-        if args.path:
-            path = Path(args.path)
-        elif args.config:
-            path = resolve_cache_key(load_config(args.config, args.overrides)).cache_dir
-        else:
-            ap.error("give a CONFIG, --path, --list or --gc")
-        if path.parent.name == UNITS_DIR:
-            cache = CacheUnit(path)
-            print(describe_unit(cache))
-            count = len(cache.manifest["shards"])
-        else:
-            cache = TeacherCache(path)
-            print(describe(cache))
-            count = cache.shard_count
-        if not args.no_verify:
-            bar = tqdm(total=count, desc="verify", unit="shard")
-            problems = cache.verify(progress=bar.update)
-            bar.close()
-            if problems:
-                print("VERIFY FAILED:\n  " + "\n  ".join(problems))
-                return 1
-            print(f"verify       ok: {count} shards match their sha256, schema and row counts")
-    except (ConfigError, CacheError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.gc:
+        return garbage_collect(args.gc + ([args.config] if args.config else []), args.yes)
+    if args.list:
+        root = (Path(args.root) if args.root else expand_path(load_config(args.config, args.overrides).teacher.cache_root)
+                if args.config else mol_home() / "teacher")
+        print(inventory(root))
+        return 0
+    if args.path:
+        path = Path(args.path)
+    elif args.config:
+        path = resolve_cache_key(load_config(args.config, args.overrides)).cache_dir
+    else:
+        ap.error("give a CONFIG, --path, --list or --gc")
+    if path.parent.name == UNITS_DIR:
+        cache = CacheUnit(path)
+        print(describe_unit(cache))
+        count = len(cache.manifest["shards"])
+    else:
+        cache = TeacherCache(path)
+        print(describe(cache))
+        count = cache.shard_count
+    if not args.no_verify:
+        bar = tqdm(total=count, desc="verify", unit="shard")
+        problems = cache.verify(progress=bar.update)
+        bar.close()
+        if problems:
+            print("VERIFY FAILED:\n  " + "\n  ".join(problems))
+            return 1
+        print(f"verify       ok: {count} shards match their sha256, schema and row counts")
     return 0
 
 

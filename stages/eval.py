@@ -11,14 +11,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from mol.cache import CacheError
-from mol.config import ConfigError
 from mol.evaluate import EVAL_JSON, EVAL_MD, evaluate_run, format_table, read_run, trained_weights
-from stages._cli import setup_logging, token_bar
+from stages._cli import entry_point, token_bar
 
 
+@entry_point
 def main(argv=None) -> int:
-    setup_logging()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path, help="a run folder written by stages.train")
     ap.add_argument("--mcq-items", type=int, default=None, help="items per MCQ set (default: eval.mcq_items)")
@@ -27,15 +25,11 @@ def main(argv=None) -> int:
     ap.add_argument("--base-json", type=Path, default=None,
                     help="reuse the base model's figures from this file (runs sharing a cache), or write them there")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        # checked here too so a wrong path fails before any model or cache is touched
-        _, summary = read_run(args.run_dir)
-        trained_weights(args.run_dir, summary)
-        result = evaluate_run(args.run_dir, mcq_items=args.mcq_items, eval_dir=args.eval_dir, make_bar=token_bar,
-                              base_json=args.base_json)
-    except (ConfigError, CacheError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # checked here too so a wrong path fails before any model or cache is touched
+    _, summary = read_run(args.run_dir)
+    trained_weights(args.run_dir, summary)
+    result = evaluate_run(args.run_dir, mcq_items=args.mcq_items, eval_dir=args.eval_dir, make_bar=token_bar,
+                          base_json=args.base_json)
     print()
     print(format_table(result))
     print(f"\nwrote {args.run_dir / EVAL_JSON}\n      {args.run_dir / EVAL_MD}")

@@ -15,14 +15,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from mol.cache import CacheError
 from mol.config import ConfigError, load_config
 from mol.experiment import Plan, run_experiment
-from stages._cli import setup_logging, token_bar
+from stages._cli import entry_point, token_bar
 
 
+@entry_point
 def main(argv=None) -> int:
-    setup_logging()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", type=Path)
     ap.add_argument("overrides", nargs="*", help="key=value, applied to every run (e.g. train.lr=3e-4)")
@@ -31,18 +30,11 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cores / jobs threads)")
     ap.add_argument("--mcq-items", type=int, default=None, help="items per MCQ set (default: eval.mcq_items)")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        load_config(args.config, args.overrides)  # every config problem before any work
-        if args.jobs < 1:
-            raise ConfigError([f"--jobs must be >= 1, got {args.jobs}"])
-        page = run_experiment(Plan(args.config, list(args.overrides), args.out, args.jobs, args.mcq_items,
-                                   page=args.page), make_bar=token_bar)
-    except (ConfigError, CacheError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:  # a run failed: its log tail is in the message
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    load_config(args.config, args.overrides)  # every config problem before any work
+    if args.jobs < 1:
+        raise ConfigError([f"--jobs must be >= 1, got {args.jobs}"])
+    page = run_experiment(Plan(args.config, list(args.overrides), args.out, args.jobs, args.mcq_items,
+                               page=args.page), make_bar=token_bar)
     print(f"\nresults page: {page}")
     return 0
 

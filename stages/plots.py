@@ -11,25 +11,21 @@ import sys
 from pathlib import Path
 
 from mol.plots import plot_compare, plot_run
-from stages._cli import setup_logging
+from stages._cli import entry_point
 
 
+@entry_point
 def main(argv=None) -> int:
-    setup_logging()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dirs", nargs="+", type=Path, help="run folders holding metrics.jsonl")
     ap.add_argument("--compare", type=Path, default=None, help="also write this PNG comparing the runs")
     ap.add_argument("--key", default="ce/domain", help="validation metric for --compare (default ce/domain)")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        for run_dir in args.run_dirs:
-            for path in plot_run(run_dir):
-                print(path)
-        if args.compare:
-            print(plot_compare(args.run_dirs, args.compare, args.key))
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    for run_dir in args.run_dirs:
+        for path in plot_run(run_dir):
+            print(path)
+    if args.compare:
+        print(plot_compare(args.run_dirs, args.compare, args.key))
     return 0
 
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import sys
 
-from mol.default_data import main
-from stages._cli import setup_logging
+from mol import default_data
+from stages._cli import entry_point
+
+main = entry_point(default_data.main)
 
 if __name__ == "__main__":
-    setup_logging()
     sys.exit(main())

@@ -20,7 +20,7 @@ from mol.bench import machine_info
 from mol.cache import CacheError, resolve_cache_key
 from mol.config import load_config, mol_home
 from mol.scale import SIZES, paper_table, run_scale, to_markdown, wide_vocab_storage
-from stages._cli import setup_logging
+from stages._cli import entry_point
 
 
 def _tokens(s: str) -> int:
@@ -29,8 +29,8 @@ def _tokens(s: str) -> int:
     return int(float(s[:-1] if s[-1] in "KM" else s) * mult)
 
 
+@entry_point
 def main(argv=None) -> int:
-    setup_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default=",".join(SIZES), help="comma-separated token counts, e.g. 1M,10M,30M")

@@ -13,28 +13,23 @@ from __future__ import annotations
 
 import sys
 
-from mol.config import ConfigError, parse_cli
-from mol.corpora import CorpusError
-from mol.cache import CacheError, TeacherCache
+from mol.cache import TeacherCache
+from mol.config import parse_cli
 from mol.teacher import finalize_cache, run_teacher_pass
-from stages._cli import setup_logging, token_bar
+from stages._cli import entry_point, token_bar
 from stages.cache_info import describe
 
 
+@entry_point
 def main(argv=None) -> int:
-    setup_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     finalize = "--finalize" in argv
     argv = [a for a in argv if a != "--finalize"]
-    try:
-        cfg, _ = parse_cli(argv, __doc__)
-        if finalize:
-            cache_dir, status = finalize_cache(cfg)
-        else:
-            cache_dir, status = run_teacher_pass(cfg, make_bar=token_bar)
-    except (ConfigError, CorpusError, CacheError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg, _ = parse_cli(argv, __doc__)
+    if finalize:
+        cache_dir, status = finalize_cache(cfg)
+    else:
+        cache_dir, status = run_teacher_pass(cfg, make_bar=token_bar)
     if status == "worker-done":
         print(f"\nworker {cfg.teacher.worker_index} of {cfg.teacher.num_workers} done: {cache_dir}\n"
               f"when every worker is done: python -m stages.teacher_cache CONFIG "

@@ -13,10 +13,10 @@ import sys
 
 from tqdm import tqdm
 
-from mol.cache import CacheError
-from mol.config import ConfigError, parse_cli
-from mol.train import TrainingError, train
-from stages._cli import setup_logging
+from mol.config import parse_cli
+from mol.run_folder import OUTPUTS
+from mol.train import train
+from stages._cli import entry_point
 
 
 def _step_bar(total: int, desc: str):
@@ -24,16 +24,12 @@ def _step_bar(total: int, desc: str):
     return bar.update
 
 
+@entry_point
 def main(argv=None) -> int:
-    setup_logging()
-    try:
-        cfg, _ = parse_cli(sys.argv[1:] if argv is None else argv, __doc__)
-        run_dir = train(cfg, make_bar=_step_bar)
-    except (ConfigError, CacheError, TrainingError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg, _ = parse_cli(sys.argv[1:] if argv is None else argv, __doc__)
+    run_dir = train(cfg, make_bar=_step_bar)
     print(f"\nrun folder:  {run_dir}")
-    for name in ("adapter", "model", "merged", "metrics.jsonl", "summary.json", "config.yaml", "tb"):
+    for name in OUTPUTS:
         if (run_dir / name).exists():
             print(f"  {name:14s} {run_dir / name}")
     print(f"next: make eval RUN={run_dir}   make plots RUN={run_dir}")

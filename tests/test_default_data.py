@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from mol.default_data import (
+    DefaultDataError,
     EVAL_FILES,
     MANIFEST,
     TRAIN_FILES,
@@ -155,7 +156,7 @@ def test_cli_reuses_and_logs_summary(builds, caplog):
 
 
 def test_bad_eval_items_rejected(tmp_path):
-    with pytest.raises(ValueError):
+    with pytest.raises(DefaultDataError, match="eval_items"):
         build_default_data(tmp_path / "out", tmp_path / "dl", eval_items=0)
 
 

@@ -236,8 +236,8 @@ _real = torch.save
 def _save(obj, f, *a, **kw):
     _real(obj, f, *a, **kw)
     if isinstance(obj, dict) and obj.get("step") == {step}:
-        with open(f, "r+b") as fh:
-            fh.truncate(os.path.getsize(f) // 2)
+        f.flush()
+        os.ftruncate(f.fileno(), f.tell() // 2)
         os.kill(os.getpid(), signal.SIGKILL)
 torch.save = _save
 """
@@ -246,27 +246,29 @@ torch.save = _save
 def _pre_torn_metrics_line(step: int) -> str:
     """The trainer dies half-way through the metrics line of `step` (a torn last line)."""
     return f"""
-import json, os, signal, mol.train as T
-_real = T._jsonl_append
-def _append(path, rec):
+import json, os, signal
+from mol.run_folder import RunFolder
+_real = RunFolder.append_metric
+def _append(self, rec):
     if rec.get("type") == "train" and rec.get("step") == {step}:
-        with open(path, "a") as f:
+        with open(self.metrics_path, "a") as f:
             f.write(json.dumps(rec)[:25])
         os.kill(os.getpid(), signal.SIGKILL)
-    _real(path, rec)
-T._jsonl_append = _append
+    _real(self, rec)
+RunFolder.append_metric = _append
 """
 
 
 def _pre_kill_in_outputs(step: int) -> str:
     """The trainer dies while saving the adapter, after the final validation line is written."""
     return f"""
-import os, signal, mol.train as T
-def _die(cfg, run_dir, model, tokenizer, model_path, cache, steps, *a):
-    assert steps == {step}
-    (run_dir / "adapter").mkdir()
+import os, signal
+from mol.run_folder import RunFolder
+def _die(self, model, tokenizer, finetune, merge):
+    assert [r["step"] for r in self.metrics()][-1] == {step}  # the final validation line is written
+    (self.path / "adapter").mkdir()
     os.kill(os.getpid(), signal.SIGKILL)
-T._save_outputs = _die
+RunFolder.save_weights = _die
 """
 
 
@@ -971,3 +973,115 @@ def test_disk_full_cli(small, tmp_path):
     rc, out = _run("stages.teacher_cache", [cfg_path], tmp_path / "b.log")
     assert rc == 0 and "teacher cache resumed" in out, out[-3000:]
     _assert_complete_like(cache_dir, small["ref"])
+
+
+# --------------------------------------------------------------------------- 9. Stage 2: nothing wrong accepted
+# Each case through the real CLI: exit 2, a message naming the key, file or step, no traceback; the
+# run folder keeps its last good state and a resume from it reproduces the uninterrupted run.
+
+
+def _pre_overflow_at(step: int) -> str:
+    """The optimizer's update at `step` leaves an infinity in a weight (loss and gradients finite)."""
+    return f"""
+import torch
+_real, _n = torch.optim.AdamW.step, [0]
+def _step(self, *a, **kw):
+    out = _real(self, *a, **kw)
+    _n[0] += 1
+    if _n[0] == {step}:
+        with torch.no_grad():
+            self.param_groups[0]["params"][-1].view(-1)[0] = float("inf")
+    return out
+torch.optim.AdamW.step = _step
+"""
+
+
+def _pre_disk_full_in_checkpoint(step: int) -> str:
+    return f"""
+import errno, torch
+_real = torch.save
+def _save(obj, f, *a, **kw):
+    if isinstance(obj, dict) and obj.get("step") == {step}:
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return _real(obj, f, *a, **kw)
+torch.save = _save
+"""
+
+
+@faults
+@pytest.mark.parametrize("case", ["non-finite-weights", "disk-full-checkpoint"])
+def test_stage2_stops_cleanly_and_resumes_identically_cli(small, ref_run, tmp_path, case):
+    cfg_path, run_dir = _train_cfg_file(small, tmp_path)
+    args = [cfg_path, "train.run_name=x"]
+    pre = _pre_overflow_at(3) if case == "non-finite-weights" else _pre_disk_full_in_checkpoint(3)
+    rc, out = _run("stages.train", args, tmp_path / "a.log", pre)
+    assert rc == 2 and "Traceback" not in out, out[-3000:]
+    assert ("non-finite weights" if case == "non-finite-weights" else "No space left on device") in out, out[-3000:]
+    name, state = _latest_state(run_dir)
+    assert name == "step-000002" and all(torch.isfinite(v).all() for v in state["trainable"].values())
+    assert str(run_dir / "checkpoints" / name) in out
+    assert not list((run_dir / "checkpoints").glob(".tmp*")) and not (run_dir / "adapter").exists()
+    rc, out = _run("stages.train", args + ["train.resume=true"], tmp_path / "resume.log")
+    assert rc == 0, out[-3000:]
+    _assert_same_metrics(_metrics(ref_run), _metrics(run_dir))
+
+
+@faults
+def test_two_trainers_on_one_run_folder_cli(small, tmp_path):
+    """Started together on one run name: exactly one trains, the other exits 2 naming the lock;
+    every metrics line is written once."""
+    cfg_path, run_dir = _train_cfg_file(small, tmp_path)
+    procs = [_spawn("stages.train", [cfg_path, "train.run_name=x"], tmp_path / f"{i}.log") for i in range(2)]
+    rcs = sorted(p.wait(timeout=300) for p in procs)
+    logs = "\n".join((tmp_path / f"{i}.log").read_text() for i in range(2))
+    assert rcs == [0, 2], logs[-3000:]
+    assert "another trainer is writing this run folder" in logs or "already holds a run" in logs, logs[-3000:]
+    assert "Traceback" not in logs
+    steps = [(r["type"], r["step"]) for r in _metrics(run_dir)]
+    assert len(steps) == len(set(steps)) and ("train", 6) in steps
+
+
+@faults
+def test_a_resume_with_changed_settings_is_refused_cli(small, tmp_path):
+    cfg_path, run_dir = _train_cfg_file(small, tmp_path)
+    rc, out = _run("stages.train", [cfg_path, "train.run_name=x", "train.max_steps=2"], tmp_path / "a.log")
+    assert rc == 0, out[-3000:]
+    before = {p: (run_dir / p).read_bytes() for p in ("config.yaml", "metrics.jsonl")}
+    rc, out = _run("stages.train", [cfg_path, "train.run_name=x", "train.resume=true", "train.max_steps=4",
+                                    "train.general_ratio=2", "model.dtype=bfloat16"], tmp_path / "b.log")
+    assert rc == 2 and "Traceback" not in out, out[-3000:]
+    for line in ("train.max_steps: 2 -> 4", "train.general_ratio: 1.0 -> 2.0", "model.dtype: 'auto' -> 'bfloat16'"):
+        assert line in out, out[-3000:]
+    assert {p: (run_dir / p).read_bytes() for p in before} == before
+    rc, out = _run("stages.train", [cfg_path, "train.resume=true"], tmp_path / "c.log")
+    assert rc == 2 and "train.resume=true needs train.run_name" in out, out[-3000:]
+
+
+# every numeric field with a value it must refuse, all in one run per stage: each is named, exit 2,
+# nothing created (the stage never reaches its first file)
+BAD_NUMBERS = [
+    "train.lr=.nan", "train.lr=.inf", "train.lr=2", "train.alpha=.nan", "train.general_ratio=.inf",
+    "train.weight_decay=-0.1", "train.warmup_ratio=.nan", "train.min_lr_ratio=-0.5", "train.epochs=-.inf",
+    "train.grad_clip=.nan", "train.seed=-1", "train.eval_every=-1", "train.save_every=-2",
+    "train.lora.alpha=0", "train.lora.dropout=.nan", "data.val_fraction=0", "teacher.zstd_level=0",
+    "eval.batch_size=0", "train.run_name=../outside", "model.device=gpu",
+]
+BAD_NUMBER_KEYS = ["train.lr", "train.alpha", "train.general_ratio", "train.weight_decay", "train.warmup_ratio",
+                   "train.min_lr_ratio", "train.epochs", "train.grad_clip", "train.seed", "train.eval_every",
+                   "train.save_every", "train.lora.alpha", "train.lora.dropout", "data.val_fraction",
+                   "teacher.zstd_level", "eval.batch_size", "train.run_name", "model.device"]
+
+
+@faults
+@pytest.mark.parametrize("stage", ["teacher_cache", "train"])
+def test_every_bad_number_is_refused_before_any_work_cli(small, tmp_path, stage):
+    cfg_path, _ = _train_cfg_file(small, tmp_path)
+    d = yaml.safe_load(cfg_path.read_text())
+    d["teacher"]["cache_root"] = str(tmp_path / "caches")
+    _write_yaml(cfg_path, d)
+    rc, out = _run(f"stages.{stage}", [cfg_path, *BAD_NUMBERS], tmp_path / "a.log")
+    assert rc == 2 and "Traceback" not in out, out[-3000:]
+    missing = [k for k in BAD_NUMBER_KEYS if k not in out]
+    assert not missing, (missing, out[-3000:])
+    assert not (tmp_path / "caches").exists() and not (tmp_path / "runs").exists()

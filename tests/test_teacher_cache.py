@@ -234,7 +234,7 @@ def test_mismatched_cache_is_refused(built):
 def test_real_smollm2_cache_matches_forward(real_model_dir, corpora, tmp_path):
     """The real default model on a few short sequences: ids exact, probs to the sqrt grid, residual to fp16."""
     cfg = load_config(data=tiny_config(real_model_dir, corpora, tmp_path / "real",
-                                       data={"max_seq_len": 24, "max_train_sequences": 2, "max_val_sequences": 0},
+                                       data={"max_seq_len": 24, "max_train_sequences": 2, "max_val_sequences": 1},
                                        teacher={"top_k": 31, "fidelity_sequences": 1}))
     cache_dir, _ = run_teacher_pass(cfg)
     model = load_model(real_model_dir, cfg.model).eval()

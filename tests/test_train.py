@@ -11,6 +11,7 @@ from mol import cache as C
 from mol.batching import subset_losses
 from mol.cache import CacheError
 from mol.config import load_config
+from mol.errors import MolError
 from mol.model import load_model, pick_device
 from mol.teacher import run_teacher_pass
 from mol.train import DataPlan, TrainingError, lr_at, train
@@ -222,6 +223,6 @@ def test_a_checkpoint_is_loaded_without_unpickling_code(cache_ready, tmp_path):
     marker = tmp_path / "code-ran"
     state["extra"] = _RunsCode(marker)
     torch.save(state, ckpt)
-    with pytest.raises(TrainingError, match="not a checkpoint this trainer wrote"):
+    with pytest.raises(MolError, match="not a checkpoint this trainer wrote"):
         train(load_config(data={**cfg, "train": {**cfg["train"], "resume": True}}))
     assert not marker.exists()

@@ -1,0 +1,381 @@
+"""The run folder: one owner for its file names, its lock, its checkpoints, its metrics and what a
+resumed run may change.
+
+    <out_dir>/<run_name>/
+      config.yaml     the config the run started with (never rewritten by a resume)
+      run.json        what it trained from (the cache's fingerprint) and every resume, with the
+                      settings that resume changed
+      metrics.jsonl   one line per optimizer step and per validation
+      checkpoints/    step-NNNNNN/state.pt and `latest`, which only ever names a complete one
+      adapter/ | model/ [merged/]   the weights, written at the end
+      summary.json    written last: the run finished
+      .lock           held by the one trainer writing the folder
+
+Every file is written by this module; train, eval, plots and experiment read it through it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, MolConfig, config_to_dict, dump_config, expand_path, load_config
+from .errors import MolError
+from .files import try_lock, write_atomic
+
+log = logging.getLogger(__name__)
+
+CONFIG = "config.yaml"
+RECORD = "run.json"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CHECKPOINTS = "checkpoints"
+ADAPTER, MODEL, MERGED = "adapter", "model", "merged"
+TENSORBOARD = "tb"
+LOCK = ".lock"
+# what the command line lists when a run ends
+OUTPUTS = (ADAPTER, MODEL, MERGED, METRICS, SUMMARY, CONFIG, RECORD, TENSORBOARD)
+
+# Settings a resumed run may change: they decide what is logged or kept and where files are found,
+# never a weight or the value of a metric. teacher.* acts on a run only through its cache, whose
+# fingerprint the resume compares itself (run.json). Everything else must be what the run started with.
+RESUME_MAY_CHANGE = frozenset({
+    "train.eval_every", "train.save_every", "train.grad_probe_sequences", "train.reader_cache_mb",
+    "train.resume", "train.merge", "train.out_dir", "train.cache_dir", "eval.mcq_items", "eval.mcq_sets",
+})
+
+
+class RunFolderError(MolError, RuntimeError):
+    """A run folder cannot be started, resumed or written (in use, changed config, full disk...)."""
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and k != "chat_template_kwargs" and k != "vllm_kwargs":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _may_change(key: str) -> bool:
+    return key in RESUME_MAY_CHANGE or key.startswith("teacher.")
+
+
+def default_run_name(cfg: MolConfig) -> str:
+    t = cfg.train
+    return f"{t.mode}-a{t.alpha:g}-r{t.general_ratio:g}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def non_finite(named_tensors) -> list[str]:
+    """Names of the tensors holding a NaN or an infinity."""
+    return [n for n, t in named_tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+class RunFolder:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @classmethod
+    def for_config(cls, cfg: MolConfig) -> "RunFolder":
+        out = expand_path(cfg.train.out_dir)
+        path = out / (cfg.train.run_name or default_run_name(cfg))
+        # the config allows one plain name; this holds even for names a filesystem resolves oddly
+        if path.resolve().parent != out.resolve():
+            raise RunFolderError(f"train.run_name {cfg.train.run_name!r} would write outside {out}")
+        return cls(path)
+
+    # ------------------------------------------------------------------ names
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    def holds_run(self) -> bool:
+        return any((self.path / n).exists() for n in (CONFIG, METRICS, CHECKPOINTS))
+
+    def weights_dir(self, finetune: str) -> Path:
+        return self.path / (ADAPTER if finetune == "lora" else MODEL)
+
+    # ------------------------------------------------------------------ lock
+
+    @contextmanager
+    def lock(self):
+        """One trainer per folder: a second one is refused while the first holds the lock. A folder
+        this call created is removed again if the run leaves nothing in it (e.g. the cache failed)."""
+        created = [p for p in (self.path, *self.path.parents) if not p.exists()]
+        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = try_lock(self.path / LOCK)
+        except BlockingIOError:
+            raise RunFolderError(f"{self.path}: another trainer is writing this run folder (lock held); "
+                                 f"wait for it or choose another train.run_name") from None
+        try:
+            yield self
+        finally:
+            os.close(fd)
+            if created and {p.name for p in self.path.iterdir()} <= {LOCK}:
+                shutil.rmtree(self.path, ignore_errors=True)
+                for parent in created[1:]:  # e.g. a new out_dir: gone again unless another run is in it
+                    try:
+                        parent.rmdir()
+                    except OSError:
+                        break
+
+    # ------------------------------------------------------------------ start and resume
+
+    def check_fresh(self) -> None:
+        if self.holds_run():
+            raise RunFolderError(f"{self.path} already holds a run; set train.resume=true to continue it "
+                                 f"or choose another train.run_name")
+
+    def check_resume(self, cfg: MolConfig) -> dict:
+        """Compare the config with the one the run started with. Returns the allowed changes
+        {key: [old, new]}; raises listing every change a resume may not make."""
+        if not (self.path / CONFIG).is_file():
+            others = sorted(p.name for p in self.path.parent.glob("*") if (p / CONFIG).is_file())
+            raise RunFolderError(f"train.resume=true: {self.path} holds no run to continue (no {CONFIG}); "
+                                 f"runs in {self.path.parent}: {', '.join(others) or 'none'}")
+        try:
+            old = load_config(self.path / CONFIG)
+        except ConfigError as e:
+            raise RunFolderError(f"{self.path / CONFIG}: the run's own config no longer loads, so a resume "
+                                 f"cannot tell what changed:\n  - " + "\n  - ".join(e.problems)) from None
+        a, b = _flat(config_to_dict(old)), _flat(config_to_dict(cfg))
+        changed = {k: [a.get(k), b.get(k)] for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+        refused = {k: v for k, v in changed.items() if not _may_change(k)}
+        if refused:
+            lines = [f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in refused.items()]
+            raise RunFolderError(
+                f"{self.path}: a resumed run must use the settings it started with ({self.path / CONFIG}); "
+                f"these would change its results:\n  - " + "\n  - ".join(lines)
+                + "\nput them back, or start a new run (another train.run_name)")
+        return {k: v for k, v in changed.items() if k != "train.resume"}
+
+    def _record(self) -> dict:
+        p = self.path / RECORD
+        if not p.is_file():
+            return {}
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            raise RunFolderError(f"{p}: unreadable ({e})") from None
+        if not isinstance(rec, dict):
+            raise RunFolderError(f"{p}: not a JSON object")
+        return rec
+
+    def start(self, cfg: MolConfig, cache_fingerprint: str, cache_dir: Path) -> None:
+        dump_config(cfg, self.path / CONFIG)
+        self._write_record({"cache_fingerprint": cache_fingerprint, "cache_dir": str(cache_dir),
+                            "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "resumes": []})
+
+    def check_cache(self, cache_fingerprint: str) -> None:
+        """A resumed run must train on the labels it started with."""
+        before = self._record().get("cache_fingerprint")
+        if before is None:
+            log.warning("%s has no %s (started by an older version): its cache cannot be compared", self.path, RECORD)
+        elif before != cache_fingerprint:
+            raise RunFolderError(
+                f"{self.path}: the run started from teacher cache {before[:16]}, this config names "
+                f"{cache_fingerprint[:16]} (other data, model or teacher settings); a resumed run must "
+                f"train on the labels it started with")
+
+    def record_resume(self, step: int, changes: dict) -> None:
+        """Appended to run.json: the step resumed from and the settings changed (none that matter)."""
+        rec = self._record()
+        rec.setdefault("resumes", []).append({"step": step, "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                              "changed": changes})
+        if changes:
+            log.info("resumed with changed settings that cannot change results: %s",
+                     ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changes.items()))
+        self._write_record(rec)
+
+    def _write_record(self, rec: dict) -> None:
+        self._write(self.path / RECORD, (json.dumps(rec, indent=2) + "\n").encode())
+
+    # ------------------------------------------------------------------ writes
+
+    def _write(self, path: Path, data: bytes) -> None:
+        try:
+            write_atomic(path, data)
+        except OSError as e:
+            raise RunFolderError(self._write_failed(path, e)) from None
+
+    def _write_failed(self, path: Path, e: Exception, removed: Path | None = None) -> str:
+        latest = self.latest_checkpoint()
+        kept = (f"the last checkpoint, {latest}, is intact" if latest
+                else "no checkpoint was written yet")
+        return (f"could not write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0]}); "
+                f"the run stopped. Nothing written before was lost: {kept}"
+                + (f"; the partial {removed} was removed" if removed else "")
+                + f". Free space and continue with train.resume=true train.run_name={self.path.name}")
+
+    def append_metric(self, rec: dict) -> None:
+        try:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        except OSError as e:
+            raise RunFolderError(self._write_failed(self.metrics_path, e)) from None
+
+    def metrics(self) -> list[dict]:
+        """Every complete line of metrics.jsonl (a line torn by a kill is skipped)."""
+        out = []
+        if self.metrics_path.is_file():
+            for ln in self.metrics_path.read_text().splitlines():
+                try:
+                    out.append(json.loads(ln))
+                except ValueError:
+                    continue
+        return out
+
+    def truncate_metrics(self, step: int, final_step: int) -> None:
+        """On resume from the checkpoint at `step` (0: none), drop every line the restarted run writes
+        again: all lines after the checkpoint, the step-0 validation when there is no checkpoint, and
+        the final validation when the checkpoint is the last step (it runs after that checkpoint)."""
+        if not self.metrics_path.is_file():
+            return
+        keep = []
+        for rec in self.metrics():
+            s = rec.get("step", -1)
+            if s < step or (s == step and step > 0 and not (rec.get("type") == "val" and step == final_step)):
+                keep.append(json.dumps(rec))
+        self._write(self.metrics_path, ("\n".join(keep) + "\n" if keep else "").encode())
+
+    def write_summary(self, summary: dict) -> None:
+        self._write(self.path / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
+
+    def save_weights(self, model, tokenizer, finetune: str, merge: bool) -> None:
+        """The adapter (or the full model), and the merged model when asked; a full disk is reported
+        with what survived (the final checkpoint), and the partial folder is removed."""
+        target = self.weights_dir(finetune)
+        try:
+            if finetune == "lora":
+                model.save_pretrained(target)
+                if merge:
+                    target = self.path / MERGED
+                    merged = model.merge_and_unload()
+                    merged.save_pretrained(target)
+                    tokenizer.save_pretrained(target)
+            else:
+                model.save_pretrained(target)
+                tokenizer.save_pretrained(target)
+        except OSError as e:
+            shutil.rmtree(target, ignore_errors=True)
+            raise RunFolderError(self._write_failed(target, e, removed=target)) from None
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def latest_checkpoint(self) -> Path | None:
+        latest = self.checkpoints / "latest"
+        return self.checkpoints / latest.read_text().strip() if latest.is_file() else None
+
+    def save_checkpoint(self, step: int, model, opt, keep: int = 2) -> Path:
+        """Write to a temp folder, then rename: `latest` only ever points at a complete checkpoint.
+        Weights are checked finite first, so no checkpoint ever holds a NaN."""
+        trainable = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+        bad = non_finite(trainable.items())
+        if bad:
+            raise RunFolderError(f"step {step}: non-finite weights in {', '.join(bad[:3])}"
+                                 f"{' ...' if len(bad) > 3 else ''}; not saved")
+        root = self.checkpoints
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step-{step:06d}"
+        tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
+        # temp folders of a killed save (any pid) are never a checkpoint; one trainer per run folder
+        for stale in root.glob(".tmp-step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            tmp.mkdir()
+            with open(tmp / "state.pt", "wb") as f:
+                torch.save({"step": step, "trainable": trainable, "optimizer": opt.state_dict(),
+                            "torch_rng": torch.get_rng_state()}, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as RuntimeError
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RunFolderError(self._write_failed(final, e, removed=tmp)) from None
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        self._write(root / "latest", final.name.encode())
+        for old in sorted(root.glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load_checkpoint(self, model, opt) -> int:
+        """Restore the trainable weights, the optimizer and the RNG; returns the step. Everything is
+        checked before anything is applied: tensors only (never unpickled objects), the parameter
+        names and shapes of this model, finite values."""
+        ckpt = self.latest_checkpoint()
+        if ckpt is None:
+            raise RunFolderError(f"{self.path} has no checkpoint")
+        path = ckpt / "state.pt"
+        if not path.is_file():
+            raise RunFolderError(f"{self.checkpoints / 'latest'} names {ckpt.name}, which has no state.pt")
+        try:
+            # tensors and plain containers only: unpickling anything else could run code from the file
+            state = torch.load(path, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+            raise RunFolderError(f"{path}: not a checkpoint this trainer wrote; refused to load it (only tensors "
+                                 f"and plain containers are read, never pickled objects): {str(e).splitlines()[0]}") from None
+        problems = self._check_state(state, model)
+        if problems:
+            raise RunFolderError(f"{path}: refused, it does not fit this run:\n  - " + "\n  - ".join(problems))
+        params = dict(model.named_parameters())
+        try:
+            opt.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise RunFolderError(f"{path}: the optimizer state does not fit this model ({e})") from None
+        with torch.no_grad():
+            for n, v in state["trainable"].items():
+                params[n].copy_(v.to(params[n].device))
+        torch.set_rng_state(state["torch_rng"])
+        return state["step"]
+
+    @staticmethod
+    def _check_state(state, model) -> list[str]:
+        if not isinstance(state, dict):
+            return [f"expected a mapping, got {type(state).__name__}"]
+        want = {"step": int, "trainable": dict, "optimizer": dict, "torch_rng": torch.Tensor}
+        problems = [f"'{k}' missing or not a {t.__name__}" for k, t in want.items() if not isinstance(state.get(k), t)]
+        if problems:
+            return problems
+        if state["step"] < 1:
+            problems.append(f"step {state['step']} < 1")
+        own = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        got = state["trainable"]
+        if set(got) != set(own):
+            missing, extra = sorted(set(own) - set(got)), sorted(set(got) - set(own))
+            problems.append(f"its parameters are not this model's trainable ones (missing {missing[:3]}, "
+                            f"unexpected {extra[:3]})")
+        for n, v in got.items():
+            if n in own and (not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(own[n].shape)):
+                problems.append(f"{n}: shape {tuple(getattr(v, 'shape', ()))}, the model has {tuple(own[n].shape)}")
+        bad = non_finite((n, v) for n, v in got.items() if isinstance(v, torch.Tensor))
+        if bad:
+            problems.append(f"non-finite weights in {', '.join(bad[:3])}")
+        return problems
+
+
+def read_config(run_dir: Path) -> MolConfig:
+    return load_config(Path(run_dir) / CONFIG)
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / SUMMARY).read_text())
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return RunFolder(run_dir).metrics()
