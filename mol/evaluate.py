@@ -26,8 +26,9 @@ from typing import Callable, Optional
 import torch
 
 from . import cache as C
+from . import run_folder as RF
 from .batching import model_hidden, output_weight, subset_losses
-from .config import CORPORA, MolConfig, load_config
+from .config import CORPORA, MolConfig
 from .errors import MissingInput, MolError
 from .model import load_model, load_tokenizer, model_fingerprint, pick_device, tokenizer_fingerprint
 
@@ -63,17 +64,16 @@ def read_run(run_dir: Path) -> tuple[MolConfig, dict]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise MissingInput(f"run folder {run_dir} does not exist")
-    for name in ("config.yaml", "summary.json"):
+    for name in (RF.CONFIG, RF.SUMMARY):
         if not (run_dir / name).is_file():
             raise MissingInput(f"{run_dir} has no {name}: not a finished training run")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    return load_config(run_dir / "config.yaml"), summary
+    return RF.read_config(run_dir), RF.read_summary(run_dir)
 
 
 def trained_weights(run_dir: Path, summary: dict) -> tuple[str, Path]:
     """("lora", adapter folder) or ("full", model folder), whichever the run saved."""
     run_dir = Path(run_dir)
-    found = {"lora": run_dir / "adapter", "full": run_dir / "model"}
+    found = {kind: RF.RunFolder(run_dir).weights_dir(kind) for kind in ("lora", "full")}
     want = summary.get("finetune")
     order = [want] if want in found else ["lora", "full"]
     for kind in order:
@@ -350,7 +350,7 @@ def evaluate_run(run_dir: Path, *, mcq_items: int | None = None, eval_dir: Path 
     loaded = [(name, path, load_mcq_set(path, n_items)) for name, path in raw_sets]
 
     if "cache_dir" not in summary:
-        raise MissingInput(f"{run_dir / 'summary.json'} does not name the teacher cache (cache_dir)")
+        raise MissingInput(f"{run_dir / RF.SUMMARY} does not name the teacher cache (cache_dir)")
     cache = C.TeacherCache(summary["cache_dir"])
     if "model_path" in summary:
         model_path = Path(summary["model_path"])

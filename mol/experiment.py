@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import StageFailed
+from .run_folder import CONFIG, SUMMARY, RunFolder, read_summary
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +97,11 @@ def train_runs(plan: Plan) -> dict[str, float]:
 
     def one(spec: RunSpec):
         run_dir = plan.out / spec.name
-        if (run_dir / "summary.json").is_file():
+        if (run_dir / SUMMARY).is_file():
             log.info("%s: already trained", spec.name)
             return spec.name, None
-        resume = ["train.resume=true"] if (run_dir / "metrics.jsonl").exists() else []
+        # a killed run resumes from wherever it got to (a folder with only its config restarts at 0)
+        resume = ["train.resume=true"] if RunFolder(run_dir).holds_run() else []
         cmd = [sys.executable, "-m", "stages.train", str(plan.config), *plan.overrides,
                f"train.out_dir={plan.out}", f"train.run_name={spec.name}", *spec.overrides, *resume]
         log.info("training %s: %s", spec.name, " ".join(cmd[2:]))
@@ -116,7 +118,7 @@ def eval_runs(plan: Plan) -> dict[str, float]:
     def one(spec: RunSpec):
         run_dir = plan.out / spec.name
         ev = run_dir / "eval.json"
-        if ev.is_file() and ev.stat().st_mtime >= (run_dir / "summary.json").stat().st_mtime:
+        if ev.is_file() and ev.stat().st_mtime >= (run_dir / SUMMARY).stat().st_mtime:
             return spec.name, None
         cmd = [sys.executable, "-m", "stages.eval", str(run_dir), "--base-json", str(base_json)]
         if plan.mcq_items is not None:
@@ -142,7 +144,7 @@ def load_results(out: Path, runs: list[RunSpec]) -> dict:
     res: dict = {"runs": {}}
     for spec in runs:
         ev = json.loads((out / spec.name / "eval.json").read_text())
-        summary = json.loads((out / spec.name / "summary.json").read_text())
+        summary = read_summary(out / spec.name)
         res.setdefault("base", ev["base"])
         res.setdefault("mcq", ev["mcq"])
         res.setdefault("subsets", ev["subsets"])
@@ -414,7 +416,7 @@ def run_experiment(plan: Plan, make_bar=None) -> Path:
 def _wall_seconds(out: Path, runs: list[RunSpec]) -> float:
     """From the first run's start (its config.yaml) to the last evaluation's end, from the files
     themselves: the same figure whether this call did the work or only regenerates the page."""
-    starts = [(out / s.name / "config.yaml").stat().st_mtime for s in runs]
+    starts = [(out / s.name / CONFIG).stat().st_mtime for s in runs]
     ends = [(out / s.name / "eval.json").stat().st_mtime for s in runs]
     return max(ends) - min(starts)
 

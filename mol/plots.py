@@ -19,8 +19,9 @@ from pathlib import Path
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from .config import CORPORA, load_config
+from .config import CORPORA
 from .errors import MissingInput, MolError
+from .run_folder import METRICS, read_config
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,6 @@ class PlotError(MolError, ValueError):
     """Metrics that cannot be plotted (no records, an unknown key)."""
 
 
-METRICS = "metrics.jsonl"
 PLOTS_DIR = "plots"
 CORPUS_COLOURS = {"domain": "tab:red", "general": "tab:blue"}
 # each corpus' validation subsets take shades of its train colour, so families read at a glance
@@ -74,7 +74,7 @@ def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
 def _run_info(run_dir: Path) -> tuple[dict[str, str], float | None]:
     """({subset: corpus}, grad_clip) from the run's config, or empty when it cannot be read."""
     try:
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = read_config(run_dir)
     except Exception as e:  # plots must still come out for a run with an odd or missing config
         log.debug("no usable config in %s (%s); plotting without subset families", run_dir, e)
         return {}, None

@@ -107,6 +107,9 @@ class RunFolder:
     def holds_run(self) -> bool:
         return any((self.path / n).exists() for n in (CONFIG, METRICS, CHECKPOINTS))
 
+    def finished(self) -> bool:
+        return (self.path / SUMMARY).is_file()
+
     def weights_dir(self, finetune: str) -> Path:
         return self.path / (ADAPTER if finetune == "lora" else MODEL)
 

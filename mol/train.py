@@ -25,7 +25,7 @@ from .losses import chunked_mol_loss, mol_weights
 from .model import (load_model, load_tokenizer, model_fingerprint, pick_device, resolve_model_path,
                     tokenizer_fingerprint)
 from .reader import StreamingSequences
-from .run_folder import TENSORBOARD, RunFolder, non_finite
+from .run_folder import SUMMARY, TENSORBOARD, RunFolder, non_finite
 
 log = logging.getLogger(__name__)
 
@@ -416,6 +416,9 @@ def train(cfg: MolConfig, make_bar: Optional[MakeBar] = None, stop_after: Option
     run = RunFolder.for_config(cfg)
     with run.lock() if procs.main else nullcontext():
         changes = run.check_resume(cfg) if t.resume else run.check_fresh()
+        if t.resume and run.finished():
+            log.info("%s finished already (%s exists): nothing to resume", run.path, SUMMARY)
+            return run.path
         procs.barrier()  # every process has checked before rank 0 writes anything
         model_path = resolve_model_path(cfg.model.name)
         tokenizer = load_tokenizer(model_path)
