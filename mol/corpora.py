@@ -230,16 +230,52 @@ def _jsonl_records(path: Path, start: int, end: int | None, line: int | None, fr
                 yield where, _parse_json_line(raw.rstrip(b"\r\n"), where), pos, line
 
 
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of a file of concatenated zstd frames, streamed. zstandard's
+    stream_reader ends quietly where a file was cut inside a frame, so every record after the cut
+    would be lost without a word; here that end is an EOFError, as gzip and bz2 raise for a cut
+    stream. A cut exactly between two frames leaves a valid shorter file: nothing can tell."""
+
+    def __init__(self, fh, read_size: int = 1 << 14):
+        # small reads bound memory: a decompressobj returns all it decodes, and JSONL can shrink 50x
+        import zstandard
+
+        self._fh, self._read_size, self._dctx = fh, read_size, zstandard.ZstdDecompressor()
+        self._frame, self._begun = self._dctx.decompressobj(), False
+        self._out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._out:
+            rest = b""
+            if self._frame.eof:  # a decompressobj decodes one frame; the next starts in what it left
+                rest = self._frame.unused_data
+                self._frame, self._begun = self._dctx.decompressobj(), False
+            data = rest or self._fh.read(self._read_size)
+            if not data:
+                if self._begun:
+                    raise EOFError
+                return 0
+            self._begun = True
+            self._out = memoryview(self._frame.decompress(data))
+        n = min(len(b), len(self._out))
+        b[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+
 def _jsonl_zst_records(path: Path, start: int, line: int | None):
     import zstandard
 
     with open(path, "rb") as raw:
+        pos = start
         try:
-            stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw), 1 << 20)
+            stream = io.BufferedReader(_ZstdFrames(raw), 1 << 20)
             left = start  # a compressed stream cannot seek: decompress and drop what finished shards hold
             while left > 0 and (chunk := stream.read(min(left, 1 << 22))):
                 left -= len(chunk)
-            pos = start
             for raw_line in stream:
                 where = Where(path, line, pos)
                 pos += len(raw_line)
@@ -248,6 +284,24 @@ def _jsonl_zst_records(path: Path, start: int, line: int | None):
                     yield where, _parse_json_line(raw_line.rstrip(b"\r\n"), where), pos, line
         except zstandard.ZstdError as e:
             raise CorpusError(f"{path}: not a valid zstd stream ({e})") from None
+        except EOFError:
+            # the file, not a record, is bad: on_bad_record=skip must not turn it into a shorter corpus
+            read = f"{line - 1} complete lines" if line is not None else f"{pos} decompressed bytes"
+            raise CorpusError(f"{path}: the zstd stream ends in the middle of a frame (truncated file?) "
+                              f"after {read}") from None
+
+
+def _arrow_row(row, where: Where) -> dict | CorpusError:
+    """A one-row Arrow table as a dict, or the error naming the column whose string is not UTF-8.
+    Arrow checks a string's UTF-8 only when it converts it (a foreign Parquet writer may store any
+    bytes), and then fails the whole batch: a row at a time finds the record to blame."""
+    rec = {}
+    for name in row.column_names:
+        try:
+            rec[name] = row.column(name)[0].as_py()
+        except UnicodeDecodeError as e:
+            return CorpusError(f"{where}: invalid UTF-8 in column {name!r} (byte {e.start} of a string)")
+    return rec
 
 
 def _parquet_records(path: Path, start: int, end: int | None):
@@ -261,7 +315,11 @@ def _parquet_records(path: Path, start: int, end: int | None):
             first += n
     row = first
     for batch in pf.iter_batches(batch_size=1024, row_groups=groups):
-        for rec in batch.to_pylist():
+        try:
+            recs = batch.to_pylist()
+        except UnicodeDecodeError:
+            recs = [_arrow_row(batch.slice(j, 1), Where(path, row=row + j + 1)) for j in range(batch.num_rows)]
+        for rec in recs:
             row += 1
             if row <= start:
                 continue
@@ -274,7 +332,18 @@ def _dataset_records(path: Path, start: int, end: int | None):
     ds = _open_dataset(path)
     stop = len(ds) if end is None else min(end, len(ds))
     for a in range(start, stop, 1024):
-        cols = ds[a:min(a + 1024, stop)]
+        b = min(a + 1024, stop)
+        try:
+            cols = ds[a:b]
+        except UnicodeDecodeError:  # as in Parquet: find the row, and its column
+            for i in range(a, b):
+                where = Where(path, row=i + 1)
+                try:
+                    rec = ds[i]
+                except UnicodeDecodeError:
+                    rec = _arrow_row(ds.with_format("arrow")[i:i + 1], where)
+                yield where, rec, i + 1, None
+            continue
         names = list(cols)
         for j in range(len(cols[names[0]]) if names else 0):
             yield Where(path, row=a + j + 1), {n: cols[n][j] for n in names}, a + j + 1, None
@@ -328,6 +397,17 @@ def _nonempty_str(rec: dict, key: str, where: str) -> str:
     return v
 
 
+def _encodable(text: str, where: str) -> str:
+    """JSON's \\u escapes can spell half of a UTF-16 surrogate pair alone: valid JSON, but not
+    text. UTF-8 (the tokenizer, the validation split's hash) cannot encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise CorpusError(f"{where}: invalid Unicode: lone surrogate \\u{ord(text[e.start]):04x} "
+                          f"(half of a UTF-16 pair; UTF-8 cannot encode it)") from None
+    return text
+
+
 def record_to_text(rec: object, where: str, tokenizer, template_kwargs: dict) -> str:
     """One document's text. Chat and QA records go through the chat template."""
     if isinstance(rec, CorpusError):
@@ -335,7 +415,7 @@ def record_to_text(rec: object, where: str, tokenizer, template_kwargs: dict) ->
     if not isinstance(rec, dict):
         raise CorpusError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
     if "text" in rec:
-        return _nonempty_str(rec, "text", where)
+        return _encodable(_nonempty_str(rec, "text", where), where)
     if "messages" in rec:
         msgs = rec["messages"]
         if not isinstance(msgs, list) or not msgs:
@@ -352,7 +432,8 @@ def record_to_text(rec: object, where: str, tokenizer, template_kwargs: dict) ->
         raise CorpusError(f"{where}: no 'text', 'messages' or 'question'/'answer' field (keys: {sorted(rec)})")
     if tokenizer.chat_template is None:
         raise CorpusError(f"{where}: chat/QA record but the tokenizer has no chat template")
-    return tokenizer.apply_chat_template(msgs, tokenize=False, **template_kwargs)
+    # checked once rendered: whatever field of a message the template puts in the text
+    return _encodable(tokenizer.apply_chat_template(msgs, tokenize=False, **template_kwargs), where)
 
 
 def is_val_document(text: str, val_fraction: float) -> bool:

