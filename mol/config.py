@@ -90,6 +90,11 @@ class ModelConfig:
     """`auto` (cuda if available), `cpu`, `cuda`, `cuda:1`..."""
     chat_template_kwargs: dict = field(default_factory=dict)
     """Extra arguments for `apply_chat_template`, e.g. {enable_thinking: false} for Qwen3."""
+    quantization: Literal["none", "nf4", "int8"] = "none"
+    """The Stage 2 student's frozen base weights: `nf4` (4-bit NormalFloat, QLoRA) or `int8` via
+    bitsandbytes (extra `[qlora]`), with LoRA adapters in full precision on top. Stage 1 always labels
+    with the unquantized base, and this is not part of the cache key: one cache serves both, and the
+    KL term pulls the quantized student toward the full-precision model."""
 
     def validate(self) -> list[str]:
         out = []
@@ -249,6 +254,9 @@ class TrainConfig:
     """Adapter settings (ignored for full fine-tuning)."""
     lr: float = 1e-4
     """Peak learning rate (paper: 1e-4 for LoRA)."""
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    """`adamw` (torch) or `adamw8bit` (bitsandbytes, extra `[qlora]`: optimizer states in 8 bits, a
+    quarter of the memory; runs on CPU too with bitsandbytes >= 0.50)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup_ratio: float = 0.1
@@ -344,6 +352,13 @@ class TrainConfig:
         return out
 
 
+def _check_quantization(cfg: "MolConfig") -> list[str]:
+    if cfg.model.quantization != "none" and cfg.train.finetune != "lora":
+        return [f"model.quantization={cfg.model.quantization} trains adapters on frozen quantized weights: "
+                f"it needs train.finetune=lora (quantized weights themselves cannot be trained)"]
+    return []
+
+
 @dataclass
 class EvalConfig:
     mcq_items: int = 100
@@ -380,7 +395,7 @@ class MolConfig:
     """Evaluation of base vs trained."""
 
     def validate(self) -> list[str]:
-        return [p for section in _SECTIONS for p in getattr(self, section).validate()]
+        return [p for section in _SECTIONS for p in getattr(self, section).validate()] + _check_quantization(self)
 
 
 _SECTIONS = ("model", "data", "teacher", "train", "eval")
@@ -521,6 +536,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), data:
             # a required field of the wrong type (already listed) breaks the comparisons; the
             # section's value checks then wait for the next run
             pass
+    if cfg is not None:
+        problems += _check_quantization(cfg)
     if problems:
         raise ConfigError(problems)
     return cfg

@@ -260,17 +260,18 @@ class RunFolder:
     def write_summary(self, summary: dict) -> None:
         self._write(self.path / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
 
-    def save_weights(self, model, tokenizer, finetune: str, merge: bool) -> None:
-        """The adapter (or the full model), and the merged model when asked; a full disk is reported
-        with what survived (the final checkpoint), and the partial folder is removed."""
+    def save_weights(self, model, tokenizer, finetune: str, merged: bool, merge=None) -> None:
+        """The adapter (or the full model), and the merged model when asked (`merge(adapter_dir)`
+        builds it when the trained model's own merge would not do, e.g. on a quantized base); a full
+        disk is reported with what survived (the final checkpoint), and the partial folder removed."""
         target = self.weights_dir(finetune)
         try:
             if finetune == "lora":
                 model.save_pretrained(target)
-                if merge:
-                    target = self.path / MERGED
-                    merged = model.merge_and_unload()
-                    merged.save_pretrained(target)
+                if merged:
+                    adapter, target = target, self.path / MERGED
+                    full = merge(adapter) if merge is not None else model.merge_and_unload()
+                    full.save_pretrained(target)
                     tokenizer.save_pretrained(target)
             else:
                 model.save_pretrained(target)

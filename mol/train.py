@@ -110,7 +110,11 @@ def lr_at(step: int, steps: int, cfg: MolConfig) -> float:
 
 
 def build_student(cfg: MolConfig, model_path: Path, device: torch.device):
-    model = load_model(model_path, cfg.model, device=device)
+    """The base with LoRA adapters (or every parameter trainable). With model.quantization the frozen
+    base weights are nf4/int8; everything else stays in the compute dtype, as in the full-precision
+    LoRA path (peft's prepare_model_for_kbit_training would upcast the embeddings to fp32: +2.5 GB
+    at Qwen3-8B's vocabulary, for no gain in a LoRA that never trains them)."""
+    model = load_model(model_path, cfg.model, device=device, quantization=cfg.model.quantization)
     if cfg.train.finetune == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -123,6 +127,66 @@ def build_student(cfg: MolConfig, model_path: Path, device: torch.device):
             model.enable_input_require_grads()
     model.train()
     return model
+
+
+def tensor_mb(model) -> float:
+    """Bytes held by the model's parameters and buffers, a quantized weight's scales included: what
+    a GPU's allocator would hold for it (CPU resident memory also counts libraries and freed blocks
+    the allocator keeps)."""
+    n = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        n += t.numel() * t.element_size()
+        qs = getattr(t, "quant_state", None)  # bitsandbytes keeps a 4-bit weight's scales beside it
+        for extra in (getattr(qs, "absmax", None), getattr(getattr(qs, "state2", None), "absmax", None)):
+            if isinstance(extra, torch.Tensor):
+                n += extra.numel() * extra.element_size()
+    return n / 2**20
+
+
+def memory_mb(device: torch.device) -> dict:
+    """This process's memory now and at its peak: resident set (Linux /proc; the kernel's high-water
+    mark) and, on a GPU, torch's allocated bytes. What a user sizing a run needs, in the summary."""
+    out = {}
+    try:
+        status = dict(ln.split(":", 1) for ln in Path("/proc/self/status").read_text().splitlines() if ":" in ln)
+        out["rss_mb"] = int(status["VmRSS"].split()[0]) / 1024
+        out["peak_rss_mb"] = int(status["VmHWM"].split()[0]) / 1024
+    except (OSError, KeyError, ValueError):  # not Linux: the peak only
+        import resource
+
+        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        out["cuda_allocated_mb"] = torch.cuda.memory_allocated(device) / 2**20
+        out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: the resident high-water mark := now
+    except OSError:
+        pass
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def make_optimizer(t, params: list) -> torch.optim.Optimizer:
+    if t.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise TrainingError("train.optimizer=adamw8bit needs bitsandbytes: pip install -e '.[qlora]'") from None
+        return bnb.optim.AdamW8bit(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def merged_in_full_precision(cfg: MolConfig, model_path: Path, adapter_dir: Path):
+    """The saved adapter merged into the unquantized base (a quantized student's own merge would
+    round the result to 4 or 8 bits: the adapter was trained to sit on the full-precision model)."""
+    from peft import PeftModel
+
+    base = load_model(model_path, cfg.model, device=torch.device("cpu"))
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
 # --------------------------------------------------------------------------- the loop
@@ -268,7 +332,7 @@ class _Loop:
         self.cfg, self.t, self.procs, self.run, self.data, self.model, self.k = cfg, cfg.train, procs, run, data, model, k
         self.device = procs.device
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=self.t.lr, weight_decay=self.t.weight_decay)
+        self.opt = make_optimizer(self.t, self.params)
         self.per_process, self.accum = _batch_split(self.t, procs.world)
         # DDP wraps the hidden-state forward only: the chunked loss reads the output weight directly
         self.hidden_fn = procs.acc.prepare_model(_HiddenStates(model)) if procs.acc is not None else None
@@ -343,6 +407,10 @@ class _Loop:
         # a finite loss can still have NaN/inf gradients; stepping on them would poison the weights
         if not math.isfinite(gnorm):
             raise self._stopped(f"non-finite gradient norm {gnorm} (loss {loss:.4f}) before the update", step + 1)
+        if gnorm == 0.0:
+            # no MoL loss has a zero gradient everywhere: the graph is cut (frozen weights, a kernel
+            # without a backward), and the run would go on changing nothing
+            raise self._stopped("the gradient is exactly zero (no gradient reaches the trainable weights)", step + 1)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         # finite gradients can still overflow the weights (a huge learning rate or weight decay)
@@ -389,6 +457,10 @@ class _Loop:
                     if key not in ("type", "step") and not key.startswith("tokens/"):
                         self.tb.add_scalar(f"val/{key}", v, step)
             log.info("val step %d: %s", step, "  ".join(f"{q}={v:.4f}" for q, v in res.items() if q.startswith("ce/")))
+            if step == 0 and self.cfg.model.quantization != "none":
+                log.info("quantization drift (%s student's KL to the full-precision base at step 0): %s",
+                         self.cfg.model.quantization,
+                         "  ".join(f"{q}={v:.4f}" for q, v in res.items() if q.startswith("kl_to_base/")))
         self.procs.barrier()
         return rec
 
@@ -433,6 +505,8 @@ def train(cfg: MolConfig, make_bar: Optional[MakeBar] = None, stop_after: Option
 
         torch.manual_seed(t.seed)
         model = build_student(cfg, model_path, procs.device)
+        memory = {"after_model_load": memory_mb(procs.device), "model_tensors_mb": tensor_mb(model)}
+        _reset_peak_memory(procs.device)  # from here on the peak is training's, not loading's
         loop = _Loop(cfg, procs, run, data, model, cache.k)
         start = 0
         if t.resume:
@@ -467,15 +541,19 @@ def train(cfg: MolConfig, make_bar: Optional[MakeBar] = None, stop_after: Option
                 loop.close()
                 return run.path
 
+        memory["end"] = memory_mb(procs.device)
         final_val = loop.validate(steps)
         loop.close()
         if procs.main:
-            run.save_weights(model, tokenizer, t.finetune, t.merge)
+            run.save_weights(model, tokenizer, t.finetune, t.merge,
+                             merge=(lambda adapter: merged_in_full_precision(cfg, model_path, adapter))
+                             if cfg.model.quantization != "none" else None)
             run.write_summary({
                 "run_dir": str(run.path), "cache_dir": str(cache.path), "cache_fingerprint": fingerprint,
                 "model_path": str(model_path), "finetune": t.finetune, "mode": t.mode, "alpha": t.alpha,
                 "general_ratio": t.general_ratio, "final_step": steps, "train_seconds": time.time() - t0,
                 "domain_kl_labels": cache.label_domain, "last_train": last, "final_val": final_val,
+                "quantization": cfg.model.quantization, "optimizer": t.optimizer, "memory": memory,
             })
             log.info("run finished: %s", run.path)
         procs.barrier()
