@@ -36,12 +36,15 @@ def real_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, real_model_dir) -> Path:
     """A 2-layer random Llama with the real 49152-token tokenizer, saved as a local model folder."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), real_model_dir)
+
+
+def save_tiny_llama(out: Path, real_model_dir: Path, hidden_size: int = 32) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    out = tmp_path_factory.mktemp("tiny-llama")
     tok = load_tokenizer(real_model_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)

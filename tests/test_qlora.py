@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import save_tiny_llama, tiny_config
 from mol import cache as C
 from mol.batching import subset_losses
 from mol.config import load_config
@@ -30,22 +30,7 @@ def _metrics(run_dir):
 def tiny64(tmp_path_factory, real_model_dir):
     """conftest's tiny random Llama at hidden size 64: bitsandbytes' CPU kernels quantize in blocks
     of 64 input features, which every real model's layers are multiples of."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from mol.model import load_tokenizer
-
-    out = tmp_path_factory.mktemp("tiny64")
-    tok = load_tokenizer(real_model_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.normal_(0, 0.5)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny64"), real_model_dir, hidden_size=64)
 
 
 @pytest.fixture
