@@ -81,7 +81,7 @@ experiment: data model
 scale: teacher-cache
 	$(PY) -m stages.scale $(ARGS)
 
-# The 4-bit student: fp32 + MoL, nf4 + MoL, nf4 + CE-only on one cache -> docs/qlora/ (about ? min on a 2-core CPU)
+# The 4-bit student: fp32 + MoL, nf4 + MoL, nf4 + CE-only on one cache -> docs/qlora/ (about 12 min on a 2-core CPU)
 .PHONY: qlora
 qlora: teacher-cache
 	$(PY) -m stages.qlora $(CONFIG) $(ARGS)
