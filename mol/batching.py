@@ -1,7 +1,9 @@
-"""Cached sequences -> padded tensors, and the no-grad per-subset loss used by validation and eval.
+"""Cached sequences -> padded tensors, one micro-batch's loss, and the no-grad per-subset loss used by
+validation and eval.
 
 Batch keys are the cache's column names (`input_ids`, `teacher_topk_ids`, `teacher_topk_probs`,
-`teacher_residual`), which are also the loss function's argument names.
+`teacher_residual`), which are also the loss function's argument names: `micro_batch_loss` passes
+them by keyword, so a renamed column cannot silently reach the wrong argument.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import numpy as np
 import torch
 
 from . import cache as C
-from .losses import chunked_mol_loss
+from .losses import MolLossOutput, chunked_mol_loss, mol_weights
 
 
 def collate(rows: list[dict], k: int, device: torch.device, with_teacher: bool = True) -> dict:
@@ -67,6 +69,26 @@ def output_weight(model) -> torch.Tensor:
     return base.get_output_embeddings().weight
 
 
+def loss_weights(batch: dict, alpha: float, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence (w_ce, w_kl) [B] of a collated batch on its device: MoL's routing (or CE only),
+    with no KL weight on a sequence the cache holds no teacher labels for."""
+    w_ce, w_kl = mol_weights(batch["is_domain"], alpha, mode)
+    device = batch["is_domain"].device
+    return w_ce.to(device), w_kl.to(device) * batch["has_teacher"]
+
+
+def micro_batch_loss(model, batch: dict, *, w_ce: torch.Tensor, w_kl: torch.Tensor, chunk_size: int,
+                     hidden: torch.Tensor | None = None) -> MolLossOutput:
+    """The loss of one collated micro-batch: the student's final hidden states (or `hidden` [B, L, H]
+    when the caller computed them, e.g. through DDP's wrapper), then the chunked MoL loss over
+    positions 0..L-2 with the teacher tensors passed by their cache names. `loss_sum` is the
+    unnormalised sum over sequences: the trainer divides it once by the global batch."""
+    h = (model_hidden(model, batch) if hidden is None else hidden)[:, :-1]
+    return chunked_mol_loss(h, output_weight(model), target_ids=batch["target_ids"], mask=batch["mask"],
+                            teacher_topk_ids=batch.get(C.TOPK_IDS), teacher_topk_probs=batch.get(C.TOPK_PROBS),
+                            teacher_residual=batch.get(C.RESIDUAL), w_ce=w_ce, w_kl=w_kl, chunk_size=chunk_size)
+
+
 @torch.no_grad()
 def subset_losses(model, seqs: C.Sequences, k: int, device: torch.device, batch_size: int = 4,
                   chunk: int = 1024, max_per_subset: int | None = None) -> dict:
@@ -88,11 +110,9 @@ def subset_losses(model, seqs: C.Sequences, k: int, device: torch.device, batch_
         for a in range(0, len(idx), batch_size):
             rows = [seqs.row(i) for i in idx[a:a + batch_size]]
             b = collate(rows, k, device)
-            h = model_hidden(model, b)[:, :-1]
             has = b["has_teacher"]
-            out = chunked_mol_loss(h, output_weight(model), b["target_ids"], b["mask"], b[C.TOPK_IDS],
-                                   b[C.TOPK_PROBS], b[C.RESIDUAL], torch.ones_like(has, dtype=torch.float32),
-                                   has.float(), chunk_size=chunk)
+            out = micro_batch_loss(model, b, w_ce=torch.ones_like(has, dtype=torch.float32), w_kl=has.float(),
+                                   chunk_size=chunk)
             n = out.n_tokens.double()
             corpus = rows[0][C.CORPUS]
             for key in (subset, corpus):

@@ -47,7 +47,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from . import cache as C
-from .batching import collate, model_hidden, output_weight
+from .batching import collate, loss_weights, micro_batch_loss, model_hidden, output_weight
 from .config import MolConfig, config_to_dict, load_config
 from .losses import _per_sequence, chunked_mol_loss, dense_reference_loss, mol_weights, truncated_reverse_kl
 
@@ -478,11 +478,8 @@ class Stage2:
         t = self.cfg.train
         self.model.zero_grad(set_to_none=True)
         b = collate(rows, self.k, self.device, with_teacher=mode == "mol")
-        w_ce, w_kl = mol_weights(b["is_domain"], t.alpha, mode)
-        w_ce, w_kl = w_ce.to(self.device), w_kl.to(self.device) * b["has_teacher"]
-        h = model_hidden(self.model, b)[:, :-1]
-        out = chunked_mol_loss(h, self.weight, b["target_ids"], b["mask"], b.get(C.TOPK_IDS), b.get(C.TOPK_PROBS),
-                               b.get(C.RESIDUAL), w_ce, w_kl, chunk_size=t.loss_chunk)
+        w_ce, w_kl = loss_weights(b, t.alpha, mode)
+        out = micro_batch_loss(self.model, b, w_ce=w_ce, w_kl=w_kl, chunk_size=t.loss_chunk)
         (out.loss_sum / t.global_batch).backward()
         return int(b["attention_mask"].sum())
 

@@ -18,10 +18,9 @@ import numpy as np
 import torch
 
 from . import cache as C
-from .batching import collate, model_hidden, output_weight, subset_losses
+from .batching import collate, loss_weights, micro_batch_loss, model_hidden, subset_losses
 from .config import MolConfig, expand_path
 from .errors import MolError
-from .losses import chunked_mol_loss, mol_weights
 from .model import (load_model, load_tokenizer, model_fingerprint, pick_device, resolve_model_path,
                     tokenizer_fingerprint)
 from .reader import StreamingSequences
@@ -248,9 +247,7 @@ def grad_probe(model, params: list, rows: list[dict], k: int, chunk: int, device
     ones, zeros = torch.ones(n, device=device), torch.zeros(n, device=device)
     out = {}
     for name, w_ce, w_kl in (("ce", ones, zeros), ("kl", zeros, ones)):
-        h = model_hidden(model, b)[:, :-1]
-        res = chunked_mol_loss(h, output_weight(model), b["target_ids"], b["mask"], b[C.TOPK_IDS],
-                               b[C.TOPK_PROBS], b[C.RESIDUAL], w_ce, w_kl * b["has_teacher"], chunk_size=chunk)
+        res = micro_batch_loss(model, b, w_ce=w_ce, w_kl=w_kl * b["has_teacher"], chunk_size=chunk)
         (res.loss_sum / n).backward()
         sq = sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None)
         out[f"grad_probe/{name}"] = math.sqrt(sq)
@@ -372,20 +369,17 @@ class _Loop:
         agg = {f"{q}/{c}": 0.0 for q in ("ce", "kl") for c in ("domain", "general")}
         cnt = {"domain": 0, "general": 0}
         loss_total, tokens = 0.0, 0
-        weight = output_weight(self.model)
         for m in range(self.accum):
             mb = items[m * t.micro_batch:(m + 1) * t.micro_batch]
             b = collate([self.data.rows(c).row(i) for c, i in mb], self.k, device, with_teacher=t.mode == "mol")
-            w_ce, w_kl = mol_weights(b["is_domain"], t.alpha, t.mode)
-            w_ce, w_kl = w_ce.to(device), (w_kl.to(device) * b["has_teacher"])
+            w_ce, w_kl = loss_weights(b, t.alpha, t.mode)
             # gradients are all-reduced once, on the last micro-batch of the step
             last_mb = m == self.accum - 1
             sync = procs.acc.no_sync(self.hidden_fn) if self.hidden_fn is not None and not last_mb else nullcontext()
             with sync:
-                h = (self.hidden_fn(b[C.INPUT_IDS], b["attention_mask"]) if self.hidden_fn is not None
-                     else model_hidden(self.model, b))[:, :-1]
-                out = chunked_mol_loss(h, weight, b["target_ids"], b["mask"], b.get(C.TOPK_IDS),
-                                       b.get(C.TOPK_PROBS), b.get(C.RESIDUAL), w_ce, w_kl, chunk_size=t.loss_chunk)
+                out = micro_batch_loss(self.model, b, w_ce=w_ce, w_kl=w_kl, chunk_size=t.loss_chunk,
+                                       hidden=None if self.hidden_fn is None
+                                       else self.hidden_fn(b[C.INPUT_IDS], b["attention_mask"]))
                 # normalised once per optimizer step: every micro-batch divides by the global batch;
                 # DDP averages over processes, so each process's share is scaled back up by their number
                 (out.loss_sum * (procs.world / t.global_batch)).backward()
