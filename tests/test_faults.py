@@ -856,19 +856,19 @@ def _poison_step(monkeypatch, step: int, accum: int, how: str) -> None:
     """Make the training loss (`how="loss"`) or only its gradient (`how="grad"`) NaN at `step`."""
     import mol.train as T
 
-    real, calls = T.chunked_mol_loss, {"n": 0}
+    real, calls = T.micro_batch_loss, {"n": 0}
 
-    def poisoned(hidden, *a, **kw):
-        out = real(hidden, *a, **kw)
+    def poisoned(*a, **kw):
+        out = real(*a, **kw)
         calls["n"] += 1
         if (calls["n"] - 1) // accum + 1 != step:
             return out
         if how == "loss":
             return out._replace(loss_sum=out.loss_sum * float("nan"))
         # sqrt'(0) = inf: the value is unchanged, the gradient becomes 0 * inf = NaN
-        return out._replace(loss_sum=out.loss_sum + torch.sqrt((hidden * 0).sum()))
+        return out._replace(loss_sum=out.loss_sum + torch.sqrt(out.loss_sum * 0))
 
-    monkeypatch.setattr(T, "chunked_mol_loss", poisoned)
+    monkeypatch.setattr(T, "micro_batch_loss", poisoned)
 
 
 @pytest.mark.parametrize("how", ["loss", "grad"])
