@@ -428,7 +428,7 @@ def _train_records(run_dir: Path) -> list[dict]:
 
 
 def _machine() -> str:
-    from .bench import machine_info
+    from .machine import machine_info
 
     m = machine_info()
     gpu = ""

@@ -18,6 +18,7 @@ Public functions:
 * :func:`truncated_reverse_kl` - ``KL_t`` from full student logits (small, reference-friendly).
 * :func:`chunked_mol_loss` - the training loss; never holds ``[B, T, V]`` logits.
 * :func:`dense_reference_loss` - the same outputs from full ``[B, T, V]`` logits ("naive loss").
+* :func:`per_sequence` - per-position CE and KL terms -> the per-sequence loss (shared reduction).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "truncated_reverse_kl",
     "chunked_mol_loss",
     "dense_reference_loss",
+    "per_sequence",
 ]
 
 # Floor for every probability that goes through a log. It is far below anything a bf16/fp16
@@ -214,7 +216,7 @@ def _chunk_terms(
     return ce, _truncated_kl_from_logprobs(logp_topk, topk_probs, residual)
 
 
-def _per_sequence(
+def per_sequence(
     ce_t: Tensor,
     kl_t: Tensor | None,
     seq_index: Tensor,
@@ -358,7 +360,7 @@ def chunked_mol_loss(
 
     ce_t = torch.cat(ce_parts)
     kl_t = torch.cat(kl_parts) if with_kl else None
-    return _per_sequence(ce_t, kl_t, seq_index, mask.sum(dim=1), w_ce, w_kl)
+    return per_sequence(ce_t, kl_t, seq_index, mask.sum(dim=1), w_ce, w_kl)
 
 
 def dense_reference_loss(
@@ -397,4 +399,4 @@ def dense_reference_loss(
         kl_t = truncated_reverse_kl(
             valid_logits, teacher_topk_ids[mask], teacher_topk_probs[mask], teacher_residual[mask]
         )
-    return _per_sequence(ce_t, kl_t, seq_index, mask.sum(dim=1), w_ce, w_kl)
+    return per_sequence(ce_t, kl_t, seq_index, mask.sum(dim=1), w_ce, w_kl)

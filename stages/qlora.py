@@ -14,8 +14,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from mol.bench import machine_info
 from mol.config import load_config
+from mol.machine import machine_info
 from mol.qlora import run_study
 from stages._cli import entry_point
 

@@ -16,9 +16,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from mol.bench import machine_info
 from mol.cache import CacheError, resolve_cache_key
 from mol.config import load_config, mol_home
+from mol.machine import machine_info
 from mol.scale import SIZES, paper_table, run_scale, to_markdown, wide_vocab_storage
 from stages._cli import entry_point
 

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from mol import bench as B
+from mol import cache as C
+from mol.bench import loss_path, sizes, stage1, storage, timing
 
 
 def _finite(x) -> bool:
@@ -27,7 +29,7 @@ def test_quick_bench_reports_every_figure(tiny_model_dir, tmp_path):
         assert _finite(f["measured"]) and f["measured"] >= 0, f
         assert isinstance(f["met"], bool) and f["goal_text"] and f["measured_text"]
     variants = res["storage"]["variants"]
-    assert [v["name"] for v in variants[1:]] == [v.name for v in B.STORAGE_VARIANTS[1:]]
+    assert [v["name"] for v in variants[1:]] == [v.name for v in storage.STORAGE_VARIANTS[1:]]
     assert variants[0]["name"].startswith("current mol.cache schema")
     # the variants are written as changes to what mol.cache writes: unchanged, the same bytes
     assert res["storage"]["builder_check_bytes"] == pytest.approx(variants[0]["bytes"], rel=0.01)
@@ -55,7 +57,7 @@ def test_quick_bench_reports_every_figure(tiny_model_dir, tmp_path):
     assert figs["stage1_rss_10x"]["measured"] == pytest.approx(rss["10x"]["high_water_bytes"] / rss["1x"]["high_water_bytes"])
     # the zstd table: every level, the default marked, and at the default level the cache's own bytes
     z = res["zstd_levels"]
-    assert [r["level"] for r in z["levels"]] == sorted(set(B.QUICK.zstd_levels) | {6})
+    assert [r["level"] for r in z["levels"]] == sorted(set(sizes.QUICK.zstd_levels) | {6})
     assert [r["level"] for r in z["levels"] if r["default"]] == [6]
     assert z["reencode_exact"] and z["reproduces_cache_bytes"]
     for r in z["levels"]:
@@ -69,12 +71,12 @@ def test_quick_bench_reports_every_figure(tiny_model_dir, tmp_path):
 
 
 def test_naive_loss_is_extrapolated_from_the_two_largest_points():
-    sz = B.BenchSizes(loss_tokens=8192, loss_seq_len=1024, loss_vocab=1000)
+    sz = sizes.BenchSizes(loss_tokens=8192, loss_seq_len=1024, loss_vocab=1000)
     gib = 2**30
     mem = {(8, 1024, 1000, "chunked"): {"peak_bytes": 3 * gib, "seconds": 1.0, "peak_reset": True},
            (1, 1024, 1000, "naive"): {"peak_bytes": 3 * gib},
            (2, 1024, 1000, "naive"): {"peak_bytes": 5 * gib}}
-    h = B.loss_path_headline(sz, 1024, mem)
+    h = loss_path.loss_path_headline(sz, 1024, mem)
     assert h["tokens"] == 8192
     assert h["naive_peak_bytes"] == pytest.approx(17 * gib)  # 3 + 2 GiB per 1024 tokens, 7 steps on
     assert h["ratio"] == pytest.approx(3 / 17)
@@ -84,7 +86,7 @@ def test_naive_loss_is_extrapolated_from_the_two_largest_points():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak reset via /proc/self/clear_refs")
 def test_measure_peak_sees_only_the_work():
     ballast = np.ones(300 << 20, dtype=np.uint8)  # resident before the work: must not count
-    res = B.measure_peak(lambda: np.ones(200 << 20, dtype=np.uint8).sum())
+    res = timing.measure_peak(lambda: np.ones(200 << 20, dtype=np.uint8).sum())
     del ballast
     assert res["peak_reset"]
     assert 150 << 20 < res["peak_bytes"] < 280 << 20
@@ -99,9 +101,9 @@ def test_storage_variants_round_trip():
     ids = np.argsort(-p, axis=1)[:, :k]
     probs = np.take_along_axis(p, ids, 1).astype(np.float32)
     resid = (1 - probs.sum(1)).astype(np.float32)
-    for v in B.STORAGE_VARIANTS:
-        enc = B.encode_labels(v, ids, probs, resid, np.uint16)
-        d_ids, d_p, d_r = B.decode_labels(v, enc[B._IDS], enc[B._PROBS], enc.get(B._RES))
+    for v in storage.STORAGE_VARIANTS:
+        enc = storage.encode_variant(v, ids, probs, resid, np.uint16)
+        d_ids, d_p, d_r = storage.decode_variant(v, enc[C.TOPK_IDS], enc[C.TOPK_PROBS], enc.get(C.RESIDUAL))
         order = np.argsort(d_ids, 1)
         ref_order = np.argsort(ids, 1)
         assert np.array_equal(np.take_along_axis(d_ids, order, 1), np.take_along_axis(ids, ref_order, 1)), v.name
@@ -115,7 +117,7 @@ def test_stub_teacher_gives_valid_windows_of_the_pool():
     n, k = 7, 3
     pool = {"ids": rng.integers(0, 100, (n, k)), "probs": rng.random((n, k)).astype(np.float32),
             "resid": rng.random(n).astype(np.float32)}
-    label = B.make_stub_teacher(pool, max_len=20)
+    label = stage1.make_stub_teacher(pool, max_len=20)
     out = label([np.zeros(5, np.int32), np.zeros(20, np.int32), np.zeros(2, np.int32)])
     assert [len(r) for _, _, r in out] == [4, 19, 1]
     at = 0
