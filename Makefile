@@ -57,9 +57,9 @@ plots: setup
 test: data model
 	$(PY) -m pytest -q -m "not faults"
 
-# SIGKILL sweeps and every fault case through real subprocesses (minutes; see tests/test_faults.py)
+# SIGKILL sweeps and every fault case through real subprocesses (minutes; see tests/faults_kit.py)
 test-faults: data model
-	$(PY) -m pytest -q -m faults tests/test_faults.py
+	$(PY) -m pytest -q -m faults tests/test_faults_stage1.py tests/test_faults_stage2.py tests/test_faults_inputs.py
 
 clean-runs:
 	rm -rf runs

@@ -87,3 +87,12 @@ def cache_shards(cache_dir: Path) -> list[Path]:
     m = json.loads((Path(cache_dir) / "manifest.json").read_text())
     root = Path(cache_dir).parent.parent
     return [p for u in m["units"] for p in sorted((root / u["dir"]).glob("shard-*.parquet"))]
+
+
+@pytest.fixture(scope="session")
+def small(tiny_model_dir, tmp_path_factory) -> dict:
+    """The fault suite's reference cache and its config (tests/faults_kit.py): built once for the
+    test_faults_* files, which only read it or copy it."""
+    from faults_kit import build_small
+
+    return build_small(tiny_model_dir, tmp_path_factory)

@@ -1,0 +1,215 @@
+"""Shared kit of the fault-injection suite for both stages: SIGKILL at any point, two writers,
+corrupt caches, malformed corpora, bad configs, non-finite numerics and a full disk.
+
+The suite is split by stage: `test_faults_stage1.py` (the teacher pass: SIGKILL, two writers,
+corrupt caches, a full disk), `test_faults_stage2.py` (the trainer: SIGKILL, numerics, nothing wrong
+accepted) and `test_faults_inputs.py` (malformed corpora, bad configs and numbers, a mistyped model).
+This module holds what they share: the subprocess helpers, the cache and metrics comparisons, and the
+small reference setup behind the session fixture `small` (defined in conftest.py).
+
+Quick cases run in `make test` (the CLIs' `main()` called in-process where a subprocess would only
+add start-up time). The seeded SIGKILL sweeps and every case again through a real
+`python -m stages...` subprocess are marked `faults` (`make test-faults`).
+
+A kill is either external (SIGKILL from this process when a file appears or after a seeded delay)
+or self-inflicted at an exact point: a preamble run before the CLI wraps one library call so the
+child SIGKILLs itself there, e.g. with a half-written shard on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from conftest import GEN, MED, tiny_config, write_jsonl
+from mol import cache as C
+from mol.config import load_config
+from mol.teacher import run_teacher_pass
+
+ROOT = Path(__file__).resolve().parents[1]
+faults = pytest.mark.faults
+
+# Timing fields differ between any two runs; every other number in metrics.jsonl must match.
+TIMING_KEYS = {"tokens_per_s", "elapsed_s"}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONUNBUFFERED"] = "1"
+    env["TQDM_DISABLE"] = "1"
+    return env
+
+
+def _spawn(module: str, args: list[str], log: Path, preamble: str = "") -> subprocess.Popen:
+    """`python -m module args` with output to a file (an unread pipe would block a chatty child)."""
+    code = (preamble + "\nimport runpy, sys\n"
+            f"sys.argv = [{module!r}] + {list(map(str, args))!r}\n"
+            f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n")
+    out = open(log, "w")
+    try:
+        return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=_env(), stdout=out,
+                                stderr=subprocess.STDOUT)
+    finally:
+        out.close()
+
+
+def _run(module: str, args: list[str], log: Path, preamble: str = "", timeout: float = 300) -> tuple[int, str]:
+    p = _spawn(module, args, log, preamble)
+    try:
+        rc = p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        raise AssertionError(f"{module} {args} ran past {timeout} s:\n{log.read_text()[-3000:]}")
+    return rc, log.read_text()
+
+
+def _kill_when(proc: subprocess.Popen, cond, timeout: float = 120, every: float = 0.002) -> bool:
+    """SIGKILL `proc` as soon as `cond()` holds; False when it exited before that."""
+    t0 = time.monotonic()
+    while not cond():
+        if proc.poll() is not None:
+            return False
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            proc.wait()
+            raise AssertionError("kill condition never held")
+        time.sleep(every)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return True
+
+
+def _kill_after(proc: subprocess.Popen, delay: float) -> bool:
+    try:
+        proc.wait(timeout=delay)
+        return False
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return True
+
+
+def _units_root(cache_dir: Path) -> Path:
+    """A config's set folder -> its cache_root's units/ (each test's cache_root is its own)."""
+    return cache_dir.parent.parent / C.UNITS_DIR
+
+
+def _shards(cache_dir: Path) -> list[Path]:
+    return sorted(_units_root(cache_dir).glob("*/shard-*.parquet"))
+
+
+def _name(p: Path) -> str:
+    return f"{p.parent.name}/{p.name}"
+
+
+def _ref_shards(cache_dir: Path) -> dict:
+    """unit/shard -> its manifest entry, in the config's order."""
+    out = {}
+    for u in C.TeacherCache(cache_dir).units:
+        out.update({f"{u.path.name}/{s['file']}": s for s in u.manifest["shards"]})
+    return out
+
+
+def _check_cache_state(cache_dir: Path, ref: dict) -> dict:
+    """What a kill left behind must be safe to read: every shard under its final name is complete
+    (byte-identical to the uninterrupted run's), a unit manifest exists only over a complete unit,
+    and a set manifest only over complete units."""
+    present = _shards(cache_dir)
+    for p in present:
+        assert _name(p) in ref, f"unexpected shard {_name(p)}"
+        assert pq.ParquetFile(p).metadata.num_rows == ref[_name(p)]["rows"], _name(p)
+        assert pq.read_table(p).num_rows == ref[_name(p)]["rows"], _name(p)
+        assert C.sha256_path(p) == ref[_name(p)]["sha256"], f"{_name(p)} differs from the uninterrupted run's"
+    for unit in _units_root(cache_dir).glob("*"):
+        if (unit / C.MANIFEST).exists():
+            assert {n for n in ref if n.startswith(unit.name + "/")} <= {_name(p) for p in present}, \
+                f"{unit.name}: manifest written before every shard existed"
+            assert C.CacheUnit(unit).verify() == []
+    has_manifest = (cache_dir / C.MANIFEST).exists()
+    if has_manifest:
+        assert len(present) == len(ref), "manifest written before every shard existed"
+        assert C.TeacherCache(cache_dir).verify() == []
+    tmp = [p for p in _units_root(cache_dir).glob("*/*.tmp*")] + list(cache_dir.glob("*.tmp*"))
+    return {"shards": len(present), "tmp": bool(tmp), "manifest": has_manifest}
+
+
+def _assert_complete_like(cache_dir: Path, ref: dict) -> None:
+    got = _ref_shards(cache_dir)
+    assert [(n, s["sha256"]) for n, s in got.items()] == [(n, s["sha256"]) for n, s in ref.items()]
+    assert C.TeacherCache(cache_dir).verify() == []
+    assert not list(_units_root(cache_dir).glob("*/*.tmp*"))
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def _assert_same_metrics(a: list[dict], b: list[dict]) -> None:
+    assert [(r["type"], r["step"]) for r in a] == [(r["type"], r["step"]) for r in b]
+    for x, y in zip(a, b):
+        assert set(x) == set(y), (x["step"], set(x) ^ set(y))
+        for key, v in x.items():
+            if key in TIMING_KEYS or not isinstance(v, (int, float)):
+                continue
+            assert y[key] == pytest.approx(v, rel=1e-5, abs=1e-9), (x["type"], x["step"], key, v, y[key])
+
+
+def _latest_state(run_dir: Path) -> tuple[str, dict]:
+    root = run_dir / "checkpoints"
+    name = (root / "latest").read_text().strip()
+    return name, torch.load(root / name / "state.pt", weights_only=False)
+
+
+# --------------------------------------------------------------------------- setups
+
+
+def _small_cfg(model_dir: Path, corpora: dict, cache_root: Path, **train) -> dict:
+    """10 sequences in 5 shards of 2: enough shards to kill between, seconds to build."""
+    d = tiny_config(model_dir, corpora, cache_root, data={"max_train_sequences": 4, "max_val_sequences": 1},
+                    teacher={"rows_per_shard": 2})
+    if train:
+        d["train"] = train
+    return d
+
+
+def _train_section(out_dir: Path, **over) -> dict:
+    return {"global_batch": 4, "micro_batch": 2, "max_steps": 6, "eval_every": 2, "save_every": 1, "lr": 1e-3,
+            "out_dir": str(out_dir), "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
+            **over}
+
+
+def build_small(tiny_model_dir: Path, tmp_path_factory) -> dict:
+    """A reference cache built without interruption, and the config (dict) that names it."""
+    root = tmp_path_factory.mktemp("faults-small")
+    corpora = {"med": write_jsonl(root / "med.jsonl", MED), "gen": write_jsonl(root / "gen.jsonl", GEN)}
+    d = _small_cfg(tiny_model_dir, corpora, root / "ref-caches")
+    ref_dir, status = run_teacher_pass(load_config(data=d))
+    assert status == "built"
+    ref = _ref_shards(ref_dir)
+    assert len(ref) >= 4
+    return {"root": root, "corpora": corpora, "cfg": d, "ref_dir": ref_dir, "ref": ref, "model": tiny_model_dir}
+
+
+def _train_cfg_file(small, tmp: Path) -> tuple[Path, Path]:
+    d = {**small["cfg"], "train": _train_section(tmp / "runs")}
+    return _write_yaml(tmp / "train.yaml", d), tmp / "runs" / "x"

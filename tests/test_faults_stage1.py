@@ -1,0 +1,420 @@
+"""Fault injection, Stage 1 (the teacher pass): SIGKILL at any point, two writers, corrupt caches
+and a full disk. The shared helpers and the explanation of the kills are in faults_kit.py."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import os
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import GEN, MED, tiny_config, write_jsonl
+from faults_kit import (_assert_complete_like, _check_cache_state, _kill_after, _kill_when, _ref_shards, _run,
+                        _shards, _spawn, _train_section, _write_yaml, faults)
+from mol import cache as C
+from mol.config import load_config
+from mol.teacher import cache_lock, run_teacher_pass
+from mol.train import TrainingError, train
+
+
+# Preambles: each wraps one call so the child SIGKILLs itself at an exact point.
+
+def _pre_kill_in_shard_write(n: int, keep_fraction: float) -> str:
+    """Shard number n (1-based) reaches disk under its temp name with `keep_fraction` of its bytes."""
+    return f"""
+import itertools, os, signal, pyarrow.parquet as pq
+_real, _n = pq.write_table, itertools.count(1)
+def _write(table, where, *a, **kw):
+    mine = next(_n)  # shards are written by parallel threads: the count must be this call's own
+    _real(table, where, *a, **kw)
+    if mine == {n}:
+        size = os.path.getsize(where)
+        with open(where, "r+b") as f:
+            f.truncate(int(size * {keep_fraction}))
+        os.kill(os.getpid(), signal.SIGKILL)
+pq.write_table = _write
+"""
+
+
+def _pre_slow_shards(seconds: float) -> str:
+    return f"""
+import time, mol.cache as C
+_real = C.write_shard
+def _slow(*a, **kw):
+    _real(*a, **kw)
+    time.sleep({seconds})
+C.write_shard = _slow
+"""
+
+
+def _pre_disk_full(n: int) -> str:
+    """The n-th shard of the first segment fails as a full disk does: part of the file written, then
+    ENOSPC. Chosen by name: parallel writer threads reach pq.write_table in no fixed order."""
+    return f"""
+import errno, pyarrow.parquet as pq
+_real = pq.write_table
+def _write(table, where, *a, **kw):
+    if "/shard-00000-{n - 1:05d}.parquet" in str(where):
+        with open(where, "wb") as f:
+            f.write(b"PAR1" + bytes(100))
+        raise OSError(errno.ENOSPC, "No space left on device", str(where))
+    return _real(table, where, *a, **kw)
+pq.write_table = _write
+"""
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def full(tiny_model_dir, tmp_path_factory):
+    """The whole tiny corpora (13 shards, ~10 s per pass): room for kills to land anywhere."""
+    root = tmp_path_factory.mktemp("faults-full")
+    corpora = {"med": write_jsonl(root / "med.jsonl", MED), "gen": write_jsonl(root / "gen.jsonl", GEN)}
+    d = tiny_config(tiny_model_dir, corpora, root / "ref-caches")
+    ref_dir, _ = run_teacher_pass(load_config(data=d))
+    ref = _ref_shards(ref_dir)
+    # one uninterrupted CLI run: its length scales the random kill delays, and its shards must
+    # equal the in-process build's (the comparison every trial relies on)
+    cfg_path, cache_dir = _fresh_teacher_cfg(d, root, "cli-ref")
+    t0 = time.monotonic()
+    rc, out = _run("stages.teacher_cache", [cfg_path], root / "cli-ref.log")
+    assert rc == 0, out[-3000:]
+    _assert_complete_like(cache_dir, ref)
+    return {"root": root, "corpora": corpora, "cfg": d, "ref_dir": ref_dir, "ref": ref, "model": tiny_model_dir,
+            "seconds": time.monotonic() - t0}
+
+
+def _fresh_teacher_cfg(base: dict, tmp: Path, name: str) -> tuple[Path, Path]:
+    """The base config with its own cache_root: returns (config file, the cache folder it names)."""
+    d = json.loads(json.dumps(base))
+    d["teacher"]["cache_root"] = str(tmp / name)
+    cfg_path = _write_yaml(tmp / f"{name}.yaml", d)
+    return cfg_path, C.resolve_cache_key(load_config(data=d)).cache_dir
+
+
+# --------------------------------------------------------------------------- 1. Stage 1 SIGKILL
+
+
+def _teacher_trial(setup: dict, tmp: Path, seed: int, mode: str, resume_in_process: bool, second_kill: bool) -> list:
+    """Kill the teacher pass once (maybe twice), check what is on disk after each kill, finish it,
+    and compare the shards with the uninterrupted run's. Returns what each kill left behind."""
+    rng = random.Random(seed)
+    cfg_path, cache_dir = _fresh_teacher_cfg(setup["cfg"], tmp, f"trial{seed}")
+    ref, n = setup["ref"], len(setup["ref"])
+    seen = []
+
+    def one_kill(mode: str, tag: str) -> None:
+        log = tmp / f"{tag}.log"
+        if mode == "mid_write":       # a half-written temp shard, then death
+            rc, _ = _run("stages.teacher_cache", [cfg_path], log, _pre_kill_in_shard_write(rng.randint(1, 3), 0.5))
+            assert rc == -signal.SIGKILL
+            killed = True
+        elif mode == "before_rename":  # a complete temp shard, killed before its rename
+            rc, _ = _run("stages.teacher_cache", [cfg_path], log, _pre_kill_in_shard_write(rng.randint(1, 3), 1.0))
+            assert rc == -signal.SIGKILL
+            killed = True
+        elif mode == "shard":          # right after the k-th shard appears (k = 0: model loaded, none yet)
+            have = len(_shards(cache_dir)) if cache_dir.is_dir() else 0
+            k = rng.randint(have + 1 if have else 0, n)
+            proc = _spawn("stages.teacher_cache", [cfg_path], log)
+            cond = ((lambda: (cache_dir / "config.yaml").exists()) if k == 0
+                    else (lambda: len(_shards(cache_dir)) >= k if cache_dir.is_dir() else False))
+            killed = _kill_when(proc, cond)
+        else:                          # after a seeded delay: start-up, packing, shards or manifest
+            proc = _spawn("stages.teacher_cache", [cfg_path], log)
+            killed = _kill_after(proc, rng.uniform(0.05, 1.0) * setup.get("seconds", 10.0))
+        state = _check_cache_state(cache_dir, ref)
+        seen.append({"mode": mode, "killed": killed, **state})
+
+    one_kill(mode, f"t{seed}-1")
+    if second_kill and not seen[-1]["manifest"] and seen[-1]["shards"] < n:
+        one_kill("shard", f"t{seed}-2")
+    if resume_in_process:
+        _, status = run_teacher_pass(load_config(cfg_path))
+    else:
+        rc, out = _run("stages.teacher_cache", [cfg_path], tmp / f"t{seed}-final.log")
+        assert rc == 0, out[-3000:]
+    _assert_complete_like(cache_dir, ref)
+    return seen
+
+
+@pytest.mark.parametrize("seed,mode", [(1, "shard"), (2, "mid_write")])
+def test_teacher_sigkill_quick(small, tmp_path, seed, mode):
+    seen = _teacher_trial(small, tmp_path, seed, mode, resume_in_process=True, second_kill=False)
+    assert seen[0]["killed"] and not seen[0]["manifest"]
+
+
+@faults
+@pytest.mark.parametrize("seed", range(12))
+def test_teacher_sigkill_sweep(full, tmp_path, seed):
+    mode = ["shard", "delay", "mid_write", "before_rename"][seed % 4]
+    seen = _teacher_trial(full, tmp_path, seed, mode, resume_in_process=False, second_kill=seed % 2 == 1)
+    print(f"trial {seed} (uninterrupted CLI pass {full['seconds']:.1f} s): {seen}")
+
+
+# --------------------------------------------------------------------------- 2. two writers
+
+
+def test_second_writer_is_refused(small, tmp_path, capsys):
+    from stages import teacher_cache
+
+    cfg_path, cache_dir = _fresh_teacher_cfg(small["cfg"], tmp_path, "lock")
+    with cache_lock(cache_dir):
+        with pytest.raises(C.CacheError, match="lock"):
+            with cache_lock(cache_dir):
+                pass
+        assert teacher_cache.main([str(cfg_path)]) == 2
+        err = capsys.readouterr().err
+        assert "another teacher pass is writing this cache (lock held)" in err and str(cache_dir) in err
+        assert not _shards(cache_dir)
+    _, status = run_teacher_pass(load_config(cfg_path))
+    assert status == "built"
+    _assert_complete_like(cache_dir, small["ref"])
+
+
+@faults
+def test_two_teacher_processes_at_once(small, tmp_path):
+    cfg_path, cache_dir = _fresh_teacher_cfg(small["cfg"], tmp_path, "race")
+    # the first pass is slowed so it still holds the lock when the second arrives
+    first = _spawn("stages.teacher_cache", [cfg_path], tmp_path / "first.log", _pre_slow_shards(1.5))
+    t0 = time.monotonic()
+    while not _shards(cache_dir):
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() - t0 < 120
+        time.sleep(0.01)
+    rc, out = _run("stages.teacher_cache", [cfg_path], tmp_path / "second.log")
+    assert first.poll() is None, "the first pass ended before the second reached the lock: test too slow"
+    assert rc == 2, out[-3000:]
+    assert "another teacher pass is writing this cache (lock held)" in out
+    assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    _assert_complete_like(cache_dir, small["ref"])
+
+
+# --------------------------------------------------------------------------- 3. corrupt caches
+
+
+def _flip(p: Path) -> None:
+    b = bytearray(p.read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    p.write_bytes(bytes(b))
+
+
+def _truncate(p: Path) -> None:
+    b = p.read_bytes()
+    p.write_bytes(b[: len(b) // 2])
+
+
+def _unit0(d: Path) -> Path:
+    """The set folder d's first unit (the domain source)."""
+    return d.parent.parent / json.loads((d / C.MANIFEST).read_text())["units"][0]["dir"]
+
+
+def _shard0(d: Path, part: int) -> Path:
+    return _unit0(d) / C.shard_name(0, part)
+
+
+def _edit_json(path_of, fn):
+    def edit(d: Path) -> None:
+        p = path_of(d)
+        m = json.loads(p.read_text())
+        fn(m)
+        p.write_text(json.dumps(m))
+    return edit
+
+
+def _edit_set(fn):
+    return _edit_json(lambda d: d / C.MANIFEST, fn)
+
+
+def _edit_unit(fn):
+    return _edit_json(lambda d: _unit0(d) / C.MANIFEST, fn)
+
+
+def _replace_shard(make):
+    """Put another valid Parquet file in shard part 0's place and make the manifest vouch for its
+    bytes: only the checks beyond the checksum can catch it."""
+    def edit(d: Path) -> None:
+        target = _shard0(d, 0)
+        make(d, target)
+        mf = _unit0(d) / C.MANIFEST
+        m = json.loads(mf.read_text())
+        m["shards"][0].update(bytes=target.stat().st_size, sha256=C.sha256_path(target))
+        mf.write_text(json.dumps(m))
+    return edit
+
+
+def _other_k(d: Path, target: Path) -> None:
+    t = pq.read_table(target)
+    k = t.schema.field(C.TOPK_IDS).type.value_type.list_size
+    small_k = C.ShardData(seq_id=t.column(C.SEQ_ID).to_numpy(), corpus="domain", subset="med",
+                          split=t.column(C.SPLIT).to_pylist(), input_ids=np.ones(2 * t.num_rows, np.uint16),
+                          tok_off=np.arange(0, 2 * t.num_rows + 1, 2), topk_ids=np.ones((t.num_rows, k - 1), np.uint16),
+                          topk_probs=np.ones((t.num_rows, k - 1), np.uint16), residual=np.ones(t.num_rows, np.uint16),
+                          metadata=pq.read_schema(target).metadata)
+    C.write_shard(target, C.shard_table(small_k, k - 1, 49152), 3)
+
+
+def _foreign(d: Path, target: Path) -> None:
+    other = json.loads((d / C.MANIFEST).read_text())["units"][1]["dir"]
+    shutil.copy(d.parent.parent / other / C.shard_name(0, 0), target)
+
+
+# (id, corruption, cache_info exit code, text in cache_info's output, text in the training error)
+CORRUPTIONS = [
+    ("flipped-bytes", lambda d: _flip(_shard0(d, 1)), 1,
+     "shard-00000-00001.parquet: sha256 mismatch", "shard-00000-00001.parquet: sha256 mismatch"),
+    ("truncated", lambda d: _truncate(_shard0(d, 1)), 1,
+     "shard-00000-00001.parquet: ", "shard-00000-00001.parquet: "),
+    ("deleted", lambda d: _shard0(d, 2).unlink(), 1,
+     "shard-00000-00002.parquet: missing", "shard-00000-00002.parquet: missing"),
+    ("manifest-sha256", _edit_unit(lambda m: m["shards"][0].update(sha256="0" * 64)), 1,
+     "shard-00000-00000.parquet: sha256 mismatch", "shard-00000-00000.parquet: sha256 mismatch"),
+    ("manifest-rows", _edit_unit(lambda m: m["shards"][0].update(rows=m["shards"][0]["rows"] + 1)), 1,
+     "shard-00000-00000.parquet: 2 rows, manifest says 3", "shard-00000-00000.parquet: 2 rows, manifest says 3"),
+    ("manifest-shard-dropped", _edit_unit(lambda m: m["shards"].pop()), 1,
+     "shard-00000-00002.parquet", "shard-00000-00002.parquet"),
+    ("other-k-same-checksum", _replace_shard(_other_k), 1,
+     "schema differs from the cache contract (k = 5)", "schema differs from the cache contract (k = 5)"),
+    ("foreign-shard-same-checksum", _replace_shard(_foreign), 1,
+     "does not name this unit's segment 0 part 0", "does not name this unit's segment 0 part 0"),
+    ("manifest-invalid-json", lambda d: (d / C.MANIFEST).write_text('{"schema_version": 3, "units": ['), 2,
+     "unreadable manifest", "unreadable manifest"),
+    ("manifest-wrong-structure", _edit_set(lambda m: m.pop("units")), 2,
+     "manifest", "manifest"),
+    ("unit-manifest-wrong-structure", _edit_unit(lambda m: m["shards"][0].pop("sha256")), 2,
+     "malformed manifest: shards[0]: 'sha256' missing", "malformed manifest: shards[0]: 'sha256' missing"),
+    ("unit-manifest-inner-type", _edit_unit(lambda m: m["key"].update(top_k="31")), 2,
+     "'key.top_k' missing or not a int", "'key.top_k' missing or not a int"),
+    ("old-schema", _edit_unit(lambda m: m.update(schema_version=2)), 2,
+     "rebuild the cache", "rebuild the cache"),
+    ("manifest-missing", lambda d: (d / C.MANIFEST).unlink(), 2,
+     "no manifest.json; the teacher pass did not finish", "no complete teacher cache"),
+]
+
+
+def _corrupt_copy(small, tmp: Path, case) -> Path:
+    """A copy of the reference cache root (units and set) with one corruption; returns its set folder."""
+    root = tmp / "cache"
+    shutil.copytree(small["ref_dir"].parent.parent, root)
+    d = root / C.SETS_DIR / small["ref_dir"].name
+    case[1](d)
+    return d
+
+
+def _train_cfg_on(small, cache_dir: Path, tmp: Path, **over) -> dict:
+    return {**small["cfg"], "train": _train_section(tmp / "runs", cache_dir=str(cache_dir), **over)}
+
+
+@pytest.mark.parametrize("case", CORRUPTIONS, ids=[c[0] for c in CORRUPTIONS])
+def test_corrupt_cache_is_refused(small, tmp_path, capsys, case):
+    from stages import cache_info
+
+    d = _corrupt_copy(small, tmp_path, case)
+    rc = cache_info.main(["--path", str(d)])
+    out = capsys.readouterr()
+    assert rc == case[2], out
+    assert case[3] in out.out + out.err
+    with pytest.raises((TrainingError, C.CacheError)) as e:
+        train(load_config(data=_train_cfg_on(small, d, tmp_path)))
+    assert case[4] in str(e.value)
+    assert not (tmp_path / "runs").exists(), "training started on a bad cache"
+
+
+@faults
+@pytest.mark.parametrize("case", CORRUPTIONS, ids=[c[0] for c in CORRUPTIONS])
+def test_corrupt_cache_is_refused_cli(small, tmp_path, case):
+    d = _corrupt_copy(small, tmp_path, case)
+    rc, out = _run("stages.cache_info", ["--path", d], tmp_path / "info.log")
+    assert rc == case[2] and case[3] in out, out[-3000:]
+    cfg = _write_yaml(tmp_path / "train.yaml", _train_cfg_on(small, d, tmp_path))
+    rc, out = _run("stages.train", [cfg, "train.run_name=x"], tmp_path / "train.log")
+    assert rc == 2 and case[4] in out, out[-3000:]
+    assert not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------- 4. disk full
+
+
+def _full_disk_on(monkeypatch, n: int, where: str) -> None:
+    """The n-th shard write fails with ENOSPC: in pq.write_table (a partial file left) or os.replace."""
+    counter = itertools.count(1)
+    if where == "write":
+        real = pq.write_table
+
+        def fail(table, path, *a, **kw):
+            # by name: parallel writer threads reach pq.write_table in no fixed order
+            if f"/shard-00000-{n - 1:05d}.parquet" in str(path) and next(counter) == 1:
+                Path(path).write_bytes(b"PAR1" + bytes(100))
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            return real(table, path, *a, **kw)
+
+        monkeypatch.setattr(C.pq, "write_table", fail)
+    else:
+        real = os.replace
+
+        def fail(src, dst, *a, **kw):
+            if str(dst).endswith(".parquet"):
+                if next(counter) == n:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+            return real(src, dst, *a, **kw)
+
+        monkeypatch.setattr(C.os, "replace", fail)
+
+
+@pytest.mark.parametrize("where", ["write", "rename"])
+def test_disk_full_while_writing_a_shard(small, tmp_path, monkeypatch, capsys, where):
+    from stages import teacher_cache
+
+    cfg_path, cache_dir = _fresh_teacher_cfg(small["cfg"], tmp_path, "full")
+    _full_disk_on(monkeypatch, 2, where)
+    assert teacher_cache.main([str(cfg_path)]) == 2
+    err = capsys.readouterr().err
+    assert "shard-00000-00001.parquet" in err and "No space left on device" in err, err
+    state = _check_cache_state(cache_dir, small["ref"])
+    assert state == {"shards": 1, "tmp": False, "manifest": False}
+    monkeypatch.undo()
+    _, status = run_teacher_pass(load_config(cfg_path))
+    assert status == "resumed"
+    _assert_complete_like(cache_dir, small["ref"])
+
+
+def test_disk_full_while_writing_the_manifest(small, tmp_path, monkeypatch):
+    cfg_path, cache_dir = _fresh_teacher_cfg(small["cfg"], tmp_path, "full")
+    real = os.replace
+
+    def fail(src, dst, *a, **kw):
+        if str(dst).endswith(C.MANIFEST):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst, *a, **kw)
+
+    monkeypatch.setattr(C.os, "replace", fail)
+    with pytest.raises(C.CacheError, match=C.MANIFEST):
+        run_teacher_pass(load_config(cfg_path))
+    unit0 = [n for n in small["ref"] if n.startswith(next(iter(small["ref"])).split("/")[0] + "/")]
+    assert _check_cache_state(cache_dir, small["ref"]) == {"shards": len(unit0), "tmp": False, "manifest": False}
+    monkeypatch.undo()
+    assert run_teacher_pass(load_config(cfg_path))[1] == "resumed"
+    _assert_complete_like(cache_dir, small["ref"])
+
+
+@faults
+def test_disk_full_cli(small, tmp_path):
+    cfg_path, cache_dir = _fresh_teacher_cfg(small["cfg"], tmp_path, "full")
+    rc, out = _run("stages.teacher_cache", [cfg_path], tmp_path / "a.log", _pre_disk_full(2))
+    assert rc == 2 and "shard-00000-00001.parquet" in out and "No space left on device" in out, out[-3000:]
+    assert "Traceback" not in out
+    assert _check_cache_state(cache_dir, small["ref"]) == {"shards": 1, "tmp": False, "manifest": False}
+    rc, out = _run("stages.teacher_cache", [cfg_path], tmp_path / "b.log")
+    assert rc == 0 and "teacher cache resumed" in out, out[-3000:]
+    _assert_complete_like(cache_dir, small["ref"])
+
