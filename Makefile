@@ -8,7 +8,8 @@ PY     := $(BIN)/python
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= data/default.yaml
 ARGS   ?=
-RUN    ?= $(shell ls -1dt runs/*/ 2>/dev/null | head -n1)
+# the newest finished run (a folder with summary.json: not runs/experiment/ or runs/qlora/)
+RUN    ?= $(shell ls -1t runs/*/summary.json 2>/dev/null | head -n1 | xargs -r dirname)
 export MOL_HOME ?= $(HOME)/.cache/mol
 export PYTHONUNBUFFERED := 1
 

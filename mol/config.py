@@ -361,10 +361,23 @@ def _check_quantization(cfg: "MolConfig") -> list[str]:
 
 @dataclass
 class EvalConfig:
-    mcq_items: int = 100
-    """Multiple-choice items per set (first N of each eval file)."""
+    mcq_items: Optional[int] = 100
+    """Documents per lm-evaluation-harness task: the first N of each (lm-eval's `limit`); 0 runs no
+    task, null every document."""
     mcq_sets: list[str] = field(default_factory=lambda: ["medqa", "mmlu_clinical", "piqa", "openbookqa"])
-    """Eval sets under the default data's eval/ folder."""
+    """MoL's multiple-choice sets, `<name>.jsonl` in the eval folder (default: the default data's
+    eval/), each run as the lm-eval task `mol_<name>` defined in mol/lm_eval_tasks/ (offline)."""
+    tasks: list[str] = field(default_factory=list)
+    """More lm-evaluation-harness tasks, groups or tags by name (`hellaswag`, `arc_easy`, `mmlu`...),
+    run like the sets above; lm-eval fetches their data from the Hugging Face hub."""
+    chat_template: bool = True
+    """Render every prompt through the model's chat template (lm-eval's `apply_chat_template`): the
+    question is the user's message and each choice the assistant's answer. false scores plain-text
+    continuations, lm-eval's own default."""
+    gen_kwargs: dict = field(default_factory=dict)
+    """Sampling settings for generation tasks in eval.tasks (lm-eval's `gen_kwargs`, over each task's
+    own), e.g. {do_sample: true, temperature: 0.6, top_p: 0.95, top_k: 20, max_gen_toks: 32768};
+    multiple-choice tasks ignore them."""
     max_val_sequences: Optional[int] = None
     """Cap on held-out sequences per subset for perplexity (None = all in the cache)."""
     batch_size: int = 4
@@ -372,8 +385,21 @@ class EvalConfig:
 
     def validate(self) -> list[str]:
         out = []
-        if self.mcq_items < 0:
-            out.append(f"eval.mcq_items must be >= 0, got {self.mcq_items}")
+        if self.mcq_items is not None and self.mcq_items < 0:
+            out.append(f"eval.mcq_items must be >= 0 (or null: every document), got {self.mcq_items}")
+        # a set names a file inside the eval folder, never a path out of it
+        bad = [n for n in self.mcq_sets if not n.strip() or "/" in n or "\\" in n]
+        if bad:
+            out.append(f"eval.mcq_sets: file names without .jsonl (no / or \\) expected, got {bad}")
+        if any(not n.strip() for n in self.tasks):
+            out.append(f"eval.tasks: task names must be non-empty, got {self.tasks}")
+        for k, v in self.gen_kwargs.items():
+            # lm-eval hands them to the model's generate(): a finite scalar, or stop strings (`until`)
+            if isinstance(v, (bool, str)) or (isinstance(v, (int, float)) and math.isfinite(v)):
+                continue
+            if isinstance(v, list) and all(isinstance(x, str) for x in v):
+                continue
+            out.append(f"eval.gen_kwargs.{k}: a string, finite number, boolean or list of strings expected, got {v!r}")
         if self.batch_size < 1:
             out.append(f"eval.batch_size must be >= 1, got {self.batch_size}")
         if self.max_val_sequences is not None and self.max_val_sequences < 1:

@@ -30,12 +30,17 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import StageFailed
+from .harness import paired_delta
 from .run_folder import CONFIG, SUMMARY, RunFolder, read_summary
 
 log = logging.getLogger(__name__)
 
-GENERAL_SETS = ("piqa", "openbookqa")       # general abilities, above chance for the default model
-DOMAIN_SETS = ("medqa", "mmlu_clinical")
+# lm-eval tasks of MoL's MCQ sets (mol/lm_eval_tasks); general abilities: above chance for the default model
+GENERAL_TASKS = ("mol_piqa", "mol_openbookqa")
+DOMAIN_TASKS = ("mol_medqa", "mol_mmlu_clinical")
+# the MCQ figure the page and the verdicts use: lm-eval's log-likelihood per character, which like
+# MoL's earlier scorer does not favour short answers (the README's cross-check)
+MCQ_METRIC = "acc_norm"
 BASE_EVAL = "base-eval.json"
 
 
@@ -118,7 +123,7 @@ def eval_runs(plan: Plan) -> dict[str, float]:
     def one(spec: RunSpec):
         run_dir = plan.out / spec.name
         ev = run_dir / "eval.json"
-        if ev.is_file() and ev.stat().st_mtime >= (run_dir / SUMMARY).stat().st_mtime:
+        if ev.is_file() and ev.stat().st_mtime >= (run_dir / SUMMARY).stat().st_mtime and _current(ev):
             return spec.name, None
         cmd = [sys.executable, "-m", "stages.eval", str(run_dir), "--base-json", str(base_json)]
         if plan.mcq_items is not None:
@@ -136,18 +141,27 @@ def eval_runs(plan: Plan) -> dict[str, float]:
     return {name: s for name, s in done if s is not None}
 
 
+def _current(eval_json: Path) -> bool:
+    """An eval.json of today's format (tasks through lm-eval); one from before is redone."""
+    try:
+        return "metrics" in json.loads(eval_json.read_text())
+    except (OSError, ValueError):
+        return False
+
+
 # --------------------------------------------------------------------------- results
 
 
 def load_results(out: Path, runs: list[RunSpec]) -> dict:
-    """{"base": metrics, "runs": {name: {"label", "trained", "summary", "train_seconds"}}, "mcq": {...}}."""
+    """{"base": metrics, "runs": {name: {"label", "trained", "summary"}}, "tasks": {...}, "subsets": {...}}."""
     res: dict = {"runs": {}}
     for spec in runs:
         ev = json.loads((out / spec.name / "eval.json").read_text())
         summary = read_summary(out / spec.name)
         res.setdefault("base", ev["base"])
-        res.setdefault("mcq", ev["mcq"])
+        res.setdefault("tasks", ev["tasks"])
         res.setdefault("subsets", ev["subsets"])
+        res.setdefault("eval", {k: ev.get(k) for k in ("mcq_items", "chat_template", "lm_eval_version")})
         res["runs"][spec.name] = {"label": spec.label, "trained": ev["trained"], "summary": summary}
     return res
 
@@ -157,22 +171,19 @@ def _metric(m: dict, key: str) -> float:
     return float(v) if isinstance(v, (int, float)) else float("nan")
 
 
-def paired_delta(base_hits: list[int], run_hits: list[int]) -> tuple[float, float]:
-    """(mean accuracy change, its standard error) over the same items: SE of the mean per-item difference."""
-    n = len(base_hits)
-    d = [r - b for b, r in zip(base_hits, run_hits)]
-    mean = sum(d) / n
-    var = sum((x - mean) ** 2 for x in d) / max(n - 1, 1)
-    return mean, math.sqrt(var / n)
+def item_values(m: dict, task: str, metric: str = MCQ_METRIC) -> Optional[list[float]]:
+    """A model's per-document values of one task metric (lm-eval's per-sample logs), or None."""
+    return m.get("items", {}).get(task, {}).get(metric)
 
 
-def general_acc_delta(base: dict, trained: dict, sets=GENERAL_SETS) -> tuple[float, float]:
-    """Accuracy change pooled over the general MCQ sets, with its paired standard error."""
+def general_acc_delta(base: dict, trained: dict, tasks=GENERAL_TASKS, metric: str = MCQ_METRIC) -> tuple[float, float]:
+    """Accuracy change pooled over the general MCQ tasks' documents, with its paired standard error."""
     b, r = [], []
-    for s in sets:
-        if f"hits/{s}" in base and f"hits/{s}" in trained:
-            b += base[f"hits/{s}"]
-            r += trained[f"hits/{s}"]
+    for t in tasks:
+        vb, vr = item_values(base, t, metric), item_values(trained, t, metric)
+        if vb is not None and vr is not None:
+            b += vb
+            r += vr
     return paired_delta(b, r) if b else (float("nan"), float("nan"))
 
 
@@ -285,20 +296,26 @@ def make_plots(out: Path, runs: list[RunSpec], subsets: dict, dest: Path) -> lis
     return made
 
 
-def _fmt_acc(base: dict, m: dict, s: str) -> str:
-    a = _metric(m, f"acc/{s}")
-    if m is base or f"hits/{s}" not in m:
+def _fmt_acc(base: dict, m: dict, task: str) -> str:
+    a = _metric(m, f"{MCQ_METRIC}/{task}")
+    vb, vm = item_values(base, task), item_values(m, task)
+    if m is base or vb is None or vm is None:
         return f"{100 * a:.1f}"
-    d, se = paired_delta(base[f"hits/{s}"], m[f"hits/{s}"])
+    d, se = paired_delta(vb, vm)
     return f"{100 * a:.1f} ({100 * d:+.1f}±{100 * se:.1f})"
+
+
+def _task_head(task: str, meta: dict) -> str:
+    chance = f", chance {100 * meta['chance']:.0f}%" if meta.get("chance") else ""
+    return f"{MCQ_METRIC} {task} (n={meta.get('n')}{chance})"
 
 
 def results_table(res: dict) -> str:
     base = res["base"]
     subsets = list(res["subsets"])
-    sets = list(res["mcq"])
+    sets = [t for t in res["tasks"] if f"{MCQ_METRIC}/{t}" in base]
     head = (["run"] + [f"ppl {s}" for s in subsets] + ["ppl domain", "ppl general", "KL-to-base general"]
-            + [f"acc {s} (n={res['mcq'][s]['n']}, chance {100 * res['mcq'][s]['chance']:.0f}%)" for s in sets])
+            + [_task_head(t, res["tasks"][t]) for t in sets])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = [("base (no training)", base)] + [(v["label"], v["trained"]) for v in res["runs"].values()]
     for label, m in rows:
@@ -327,8 +344,11 @@ def write_page(res: dict, claims: list[dict], plots: list[Path], dest: Path, met
         f"every run; each run {steps} optimizer steps × {meta['global_batch']} sequences × ≤ {meta['max_seq_len']} "
         f"tokens ({meta['tokens_per_run']:,} training tokens), LoRA r = {meta['lora_r']}, lr {meta['lr']:g}, "
         f"warm-up {meta['warmup']:g} then cosine, seed {meta['seed']}. Held-out text: the cache's validation "
-        f"sequences (never trained on); MCQ: the first {meta['mcq_items']} items of each set, scored by "
-        f"length-normalised log-likelihood, with the paired change vs the base and its standard error.",
+        f"sequences (never trained on); MCQ: the first {meta['mcq_items']} items of each set as lm-eval tasks "
+        f"(lm-evaluation-harness {meta['lm_eval_version']}, prompts "
+        f"{'through the chat template' if meta['chat_template'] else 'as plain text'}), {MCQ_METRIC}: the choice "
+        f"with the highest log-likelihood per character, with the paired change vs the base and its standard "
+        f"error.",
         "",
         "## Claims",
         "",
@@ -340,7 +360,8 @@ def write_page(res: dict, claims: list[dict], plots: list[Path], dest: Path, met
         lines.append(f"| {cell(c['claim'])} | **{c['verdict']}** | {cell(c['criterion'])} | {cell(c['evidence'])} |")
     lines += ["", "## Results", "", results_table(res), "",
               "ppl = exp(mean next-token CE) on held-out text; KL-to-base = truncated reverse KL to the cached "
-              "base-model labels on held-out general text; acc in % (change vs base ± paired SE, in points).", "",
+              "base-model labels on held-out general text; " + MCQ_METRIC + " in % (change vs base ± paired SE, in "
+              "points).", "",
               "How to read the general columns: the general held-out text comes from the same corpus as the "
               "general training text, so CE-only, which trains on it with full weight, lowers its perplexity; "
               "that is fit to the corpus, not retained ability. Retention shows in KL-to-base (how far the "
@@ -363,10 +384,14 @@ def write_page(res: dict, claims: list[dict], plots: list[Path], dest: Path, met
     page = dest / "README.md"
     page.write_text("\n".join(lines))
     (dest / "results.json").write_text(json.dumps({"claims": claims, "meta": meta, "table": {
-        "base": {k: v for k, v in res["base"].items() if not k.startswith(("hits/", "predictions"))},
-        **{n: {k: x for k, x in v["trained"].items() if not k.startswith(("hits/", "predictions"))}
-           for n, v in res["runs"].items()}}}, indent=2) + "\n")
+        "base": _scalars(res["base"]), **{n: _scalars(v["trained"]) for n, v in res["runs"].items()}}},
+        indent=2) + "\n")
     return page
+
+
+def _scalars(m: dict) -> dict:
+    """A model's figures without its per-item values and lm-eval's raw summary."""
+    return {k: v for k, v in m.items() if isinstance(v, (int, float))}
 
 
 LR_NOTE = ("The paper trains an 8B model for thousands of steps at lr 1e-4. A CPU run here affords "
@@ -407,7 +432,8 @@ def run_experiment(plan: Plan, make_bar=None) -> Path:
         "model": cfg.model.name, "cache": str(cache_dir), "cache_tokens": manifest["totals"]["tokens"],
         "global_batch": cfg.train.global_batch, "max_seq_len": cfg.data.max_seq_len, "tokens_per_run": tokens,
         "lora_r": cfg.train.lora.r, "lr": cfg.train.lr, "warmup": cfg.train.warmup_ratio, "seed": cfg.train.seed,
-        "mcq_items": plan.mcq_items if plan.mcq_items is not None else cfg.eval.mcq_items,
+        "mcq_items": res["eval"]["mcq_items"], "chat_template": res["eval"]["chat_template"],
+        "lm_eval_version": res["eval"]["lm_eval_version"],
         "lr_note": LR_NOTE.format(steps=first.get("final_step"), lr=cfg.train.lr),
     }
     return write_page(res, claims, plots, dest, meta)

@@ -49,7 +49,9 @@ OUTPUTS = (ADAPTER, MODEL, MERGED, METRICS, SUMMARY, CONFIG, RECORD, TENSORBOARD
 # fingerprint the resume compares itself (run.json). Everything else must be what the run started with.
 RESUME_MAY_CHANGE = frozenset({
     "train.eval_every", "train.save_every", "train.grad_probe_sequences", "train.reader_cache_mb",
-    "train.resume", "train.merge", "train.out_dir", "train.cache_dir", "eval.mcq_items", "eval.mcq_sets",
+    "train.resume", "train.merge", "train.out_dir", "train.cache_dir",
+    # what `make eval` runs afterwards: no weight or training metric depends on it
+    "eval.mcq_items", "eval.mcq_sets", "eval.tasks", "eval.chat_template", "eval.gen_kwargs",
 })
 
 

@@ -96,3 +96,24 @@ def small(tiny_model_dir, tmp_path_factory) -> dict:
     from faults_kit import build_small
 
     return build_small(tiny_model_dir, tmp_path_factory)
+
+
+def refuse_network(mp: pytest.MonkeyPatch) -> list:
+    """Every socket connection attempt is recorded and refused: what must run offline does."""
+    import socket
+
+    attempts = []
+
+    def refuse(self, address, *args):
+        attempts.append(address)
+        raise OSError(f"test: no network ({address})")
+
+    mp.setattr(socket.socket, "connect", refuse)
+    mp.setattr(socket.socket, "connect_ex", refuse)
+    return attempts
+
+
+@pytest.fixture
+def no_network(monkeypatch) -> list:
+    """The connection attempts made while the test ran (all refused)."""
+    return refuse_network(monkeypatch)

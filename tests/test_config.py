@@ -94,6 +94,10 @@ def test_every_numeric_field_rejects_non_finite_and_impossible_values():
     (["train.run_name="], "train.run_name"),
     (["model.device=gpu"], "model.device"),
     (["eval.batch_size=0"], "eval.batch_size"),
+    (["eval.mcq_sets=[../medqa]"], "eval.mcq_sets"),
+    (["eval.tasks=['']"], "eval.tasks"),
+    (["eval.gen_kwargs={temperature: .nan}"], "eval.gen_kwargs.temperature"),
+    (["eval.gen_kwargs={top_k: {a: 1}}"], "eval.gen_kwargs.top_k"),
 ])
 def test_settings_that_guarantee_a_later_failure_are_rejected(overrides, needle):
     with pytest.raises(ConfigError) as e:

@@ -2,6 +2,7 @@
 once, a second call redoing nothing), and the claim verdicts on constructed results."""
 
 import json
+import math
 import os
 import sys
 
@@ -65,6 +66,10 @@ def test_page_runs_and_shared_base(experiment):
         assert p.name in text
     assert len(list(plan.page.glob("*.png"))) >= 8
     assert "| base (no training) |" in text and "make experiment" in text
+    # the MCQ columns come from lm-eval's tasks for MoL's sets, with the paired change vs the base
+    assert "acc_norm mol_piqa (n=3, chance 33%)" in text and "lm-evaluation-harness" in text
+    ev = json.loads((plan.out / "mol-1to1" / "eval.json").read_text())
+    assert list(ev["tasks"]) == ["mol_medqa", "mol_piqa", "mol_openbookqa"]
 
 
 def test_second_call_redoes_nothing(experiment):
@@ -73,13 +78,15 @@ def test_second_call_redoes_nothing(experiment):
 
 
 def _res(**ppl):
-    """Constructed results: {run: (domain ppl, general ppl, KL general, general hits)}."""
+    """Constructed results: {run: (domain ppl, general ppl, KL general, general items right)}, per-item
+    values where eval.json keeps lm-eval's per-sample outcomes."""
     n = 200
 
     def metrics(d, g, kl, correct):
-        hits = [1] * correct + [0] * (n - correct)
+        hits = [1.0] * correct + [0.0] * (n - correct)
+        items = {"doc_ids": list(range(n)), X.MCQ_METRIC: hits}
         return {"ppl/domain": d, "ppl/general": g, "kl_to_base/general": kl,
-                "hits/piqa": hits, "hits/openbookqa": hits}
+                "items": {t: items for t in X.GENERAL_TASKS}}
 
     runs = {name: {"label": name, "trained": metrics(*v), "summary": {}} for name, v in ppl.items()}
     return {"base": metrics(20.0, 20.0, 0.0, 120), "runs": runs}
@@ -112,3 +119,8 @@ def test_paired_delta():
     assert d == 0.0 and se == pytest.approx(0.4082, abs=1e-4)
     d, se = X.paired_delta([1] * 10, [1] * 10)
     assert d == 0.0 and se == 0.0
+    # pooled over the general tasks' 2 x 200 items, 5 fewer right in each: d_i = -1 for 10 items, else 0;
+    # sum of squared deviations 10 * 0.975^2 + 390 * 0.025^2 = 9.75
+    res = _res(**{"ce-1to1": (11.0, 21.0, 0.3, 115)})
+    d, se = X.general_acc_delta(res["base"], res["runs"]["ce-1to1"]["trained"])
+    assert d == pytest.approx(-10 / 400) and se == pytest.approx(math.sqrt(9.75 / 399 / 400))
