@@ -1,15 +1,19 @@
-"""Shared fixtures: a tiny random Llama that uses the real SmolLM2 tokenizer (fast tests),
-and small real-text corpora written as JSONL."""
+"""Shared fixtures and helpers: a tiny random Llama that uses the real SmolLM2 tokenizer (fast tests),
+small real-text corpora written as JSONL, a cache built from them (`built`) and what reads it back."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from mol import cache as C
+from mol.config import load_config
 from mol.model import convert_default_model, load_tokenizer
+from mol.teacher import run_teacher_pass
 
 MED = [
     {"question": "A 45-year-old man presents with crushing chest pain radiating to the left arm. "
@@ -57,7 +61,8 @@ def save_tiny_llama(out: Path, real_model_dir: Path, hidden_size: int = 32) -> P
 
 
 def write_jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
 
 
@@ -82,11 +87,36 @@ def tiny_config(model_dir: Path, corpora: dict, cache_root: Path, **over) -> dic
     return cfg
 
 
+@pytest.fixture
+def built(tiny_model_dir, corpora, tmp_path):
+    """A freshly built cache of the tiny model on `corpora` (per test: tests corrupt it) and its config."""
+    cfg = load_config(data=tiny_config(tiny_model_dir, corpora, tmp_path / "caches"))
+    cache_dir, status = run_teacher_pass(cfg)
+    assert status == "built"
+    return cfg, cache_dir
+
+
+def cache_units(cache_dir: Path) -> list[Path]:
+    """The unit folders of a config's cache, in config order."""
+    return [u.path for u in C.TeacherCache(cache_dir).units]
+
+
 def cache_shards(cache_dir: Path) -> list[Path]:
     """Every shard of a config's cache (its set folder), units in order."""
     m = json.loads((Path(cache_dir) / "manifest.json").read_text())
     root = Path(cache_dir).parent.parent
     return [p for u in m["units"] for p in sorted((root / u["dir"]).glob("shard-*.parquet"))]
+
+
+def assert_sqrt_grid(decoded, exact):
+    """A code of round(1023 sqrt(p)) is within half a step of sqrt(p): |Δp| <= sqrt(p)/1023 + 1/1023²."""
+    bound = np.sqrt(exact) / C.PROB_LEVELS + 1.0 / C.PROB_LEVELS ** 2 + 1e-7
+    assert (np.abs(decoded.astype(np.float64) - exact) <= bound).all()
+
+
+def metrics_records(run_dir: Path) -> list[dict]:
+    """A run folder's metrics.jsonl as records (blank lines skipped)."""
+    return [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
 
 
 @pytest.fixture(scope="session")

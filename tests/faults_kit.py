@@ -18,7 +18,6 @@ child SIGKILLs itself there, e.g. with a half-written shard on disk.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -46,7 +45,7 @@ TIMING_KEYS = {"tokens_per_s", "elapsed_s"}
 # --------------------------------------------------------------------------- helpers
 
 
-def _write_yaml(path: Path, data: dict) -> Path:
+def write_yaml(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
@@ -59,7 +58,7 @@ def _env() -> dict:
     return env
 
 
-def _spawn(module: str, args: list[str], log: Path, preamble: str = "") -> subprocess.Popen:
+def spawn_stage(module: str, args: list[str], log: Path, preamble: str = "") -> subprocess.Popen:
     """`python -m module args` with output to a file (an unread pipe would block a chatty child)."""
     code = (preamble + "\nimport runpy, sys\n"
             f"sys.argv = [{module!r}] + {list(map(str, args))!r}\n"
@@ -72,8 +71,8 @@ def _spawn(module: str, args: list[str], log: Path, preamble: str = "") -> subpr
         out.close()
 
 
-def _run(module: str, args: list[str], log: Path, preamble: str = "", timeout: float = 300) -> tuple[int, str]:
-    p = _spawn(module, args, log, preamble)
+def run_stage(module: str, args: list[str], log: Path, preamble: str = "", timeout: float = 300) -> tuple[int, str]:
+    p = spawn_stage(module, args, log, preamble)
     try:
         rc = p.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -83,7 +82,7 @@ def _run(module: str, args: list[str], log: Path, preamble: str = "", timeout: f
     return rc, log.read_text()
 
 
-def _kill_when(proc: subprocess.Popen, cond, timeout: float = 120, every: float = 0.002) -> bool:
+def kill_when(proc: subprocess.Popen, cond, timeout: float = 120, every: float = 0.002) -> bool:
     """SIGKILL `proc` as soon as `cond()` holds; False when it exited before that."""
     t0 = time.monotonic()
     while not cond():
@@ -99,7 +98,7 @@ def _kill_when(proc: subprocess.Popen, cond, timeout: float = 120, every: float 
     return True
 
 
-def _kill_after(proc: subprocess.Popen, delay: float) -> bool:
+def kill_after(proc: subprocess.Popen, delay: float) -> bool:
     try:
         proc.wait(timeout=delay)
         return False
@@ -114,7 +113,7 @@ def _units_root(cache_dir: Path) -> Path:
     return cache_dir.parent.parent / C.UNITS_DIR
 
 
-def _shards(cache_dir: Path) -> list[Path]:
+def unit_shards(cache_dir: Path) -> list[Path]:
     return sorted(_units_root(cache_dir).glob("*/shard-*.parquet"))
 
 
@@ -122,7 +121,7 @@ def _name(p: Path) -> str:
     return f"{p.parent.name}/{p.name}"
 
 
-def _ref_shards(cache_dir: Path) -> dict:
+def ref_shards(cache_dir: Path) -> dict:
     """unit/shard -> its manifest entry, in the config's order."""
     out = {}
     for u in C.TeacherCache(cache_dir).units:
@@ -130,11 +129,11 @@ def _ref_shards(cache_dir: Path) -> dict:
     return out
 
 
-def _check_cache_state(cache_dir: Path, ref: dict) -> dict:
+def check_cache_state(cache_dir: Path, ref: dict) -> dict:
     """What a kill left behind must be safe to read: every shard under its final name is complete
     (byte-identical to the uninterrupted run's), a unit manifest exists only over a complete unit,
     and a set manifest only over complete units."""
-    present = _shards(cache_dir)
+    present = unit_shards(cache_dir)
     for p in present:
         assert _name(p) in ref, f"unexpected shard {_name(p)}"
         assert pq.ParquetFile(p).metadata.num_rows == ref[_name(p)]["rows"], _name(p)
@@ -153,18 +152,14 @@ def _check_cache_state(cache_dir: Path, ref: dict) -> dict:
     return {"shards": len(present), "tmp": bool(tmp), "manifest": has_manifest}
 
 
-def _assert_complete_like(cache_dir: Path, ref: dict) -> None:
-    got = _ref_shards(cache_dir)
+def assert_complete_like(cache_dir: Path, ref: dict) -> None:
+    got = ref_shards(cache_dir)
     assert [(n, s["sha256"]) for n, s in got.items()] == [(n, s["sha256"]) for n, s in ref.items()]
     assert C.TeacherCache(cache_dir).verify() == []
     assert not list(_units_root(cache_dir).glob("*/*.tmp*"))
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-
-
-def _assert_same_metrics(a: list[dict], b: list[dict]) -> None:
+def assert_same_metrics(a: list[dict], b: list[dict]) -> None:
     assert [(r["type"], r["step"]) for r in a] == [(r["type"], r["step"]) for r in b]
     for x, y in zip(a, b):
         assert set(x) == set(y), (x["step"], set(x) ^ set(y))
@@ -174,7 +169,7 @@ def _assert_same_metrics(a: list[dict], b: list[dict]) -> None:
             assert y[key] == pytest.approx(v, rel=1e-5, abs=1e-9), (x["type"], x["step"], key, v, y[key])
 
 
-def _latest_state(run_dir: Path) -> tuple[str, dict]:
+def latest_state(run_dir: Path) -> tuple[str, dict]:
     root = run_dir / "checkpoints"
     name = (root / "latest").read_text().strip()
     return name, torch.load(root / name / "state.pt", weights_only=False)
@@ -192,7 +187,7 @@ def _small_cfg(model_dir: Path, corpora: dict, cache_root: Path, **train) -> dic
     return d
 
 
-def _train_section(out_dir: Path, **over) -> dict:
+def train_section(out_dir: Path, **over) -> dict:
     return {"global_batch": 4, "micro_batch": 2, "max_steps": 6, "eval_every": 2, "save_every": 1, "lr": 1e-3,
             "out_dir": str(out_dir), "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
             **over}
@@ -205,11 +200,11 @@ def build_small(tiny_model_dir: Path, tmp_path_factory) -> dict:
     d = _small_cfg(tiny_model_dir, corpora, root / "ref-caches")
     ref_dir, status = run_teacher_pass(load_config(data=d))
     assert status == "built"
-    ref = _ref_shards(ref_dir)
+    ref = ref_shards(ref_dir)
     assert len(ref) >= 4
     return {"root": root, "corpora": corpora, "cfg": d, "ref_dir": ref_dir, "ref": ref, "model": tiny_model_dir}
 
 
-def _train_cfg_file(small, tmp: Path) -> tuple[Path, Path]:
-    d = {**small["cfg"], "train": _train_section(tmp / "runs")}
-    return _write_yaml(tmp / "train.yaml", d), tmp / "runs" / "x"
+def train_cfg_file(small, tmp: Path) -> tuple[Path, Path]:
+    d = {**small["cfg"], "train": train_section(tmp / "runs")}
+    return write_yaml(tmp / "train.yaml", d), tmp / "runs" / "x"

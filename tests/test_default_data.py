@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import write_jsonl
 from mol.default_data import (
     DefaultDataError,
     EVAL_FILES,
@@ -35,12 +36,6 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def write_jsonl(path: Path, records) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from faults_kit import _run, _train_cfg_file, _train_section, _write_yaml, faults
+from faults_kit import faults, run_stage, train_cfg_file, train_section, write_yaml
 from mol import cache as C
 
 
@@ -108,7 +108,7 @@ def _corpus_case(small, tmp: Path, case) -> tuple[Path, str, Path]:
     extra = dict(extra)
     d["data"].update(extra.pop("data", {}))
     d["data"]["sources"][0] = {**d["data"]["sources"][0], "path": str(path), **extra}
-    return _write_yaml(tmp / "cfg.yaml", d), expected.format(path=path), tmp / "caches"
+    return write_yaml(tmp / "cfg.yaml", d), expected.format(path=path), tmp / "caches"
 
 
 @pytest.mark.parametrize("case", CORPUS_CASES, ids=[c[0] for c in CORPUS_CASES])
@@ -127,7 +127,7 @@ def test_malformed_corpus(small, tmp_path, capsys, case):
 @pytest.mark.parametrize("case", CORPUS_CASES, ids=[c[0] for c in CORPUS_CASES])
 def test_malformed_corpus_cli(small, tmp_path, case):
     cfg_path, expected, caches = _corpus_case(small, tmp_path, case)
-    rc, out = _run("stages.teacher_cache", [cfg_path], tmp_path / "out.log")
+    rc, out = run_stage("stages.teacher_cache", [cfg_path], tmp_path / "out.log")
     assert rc == 2 and expected in out, out[-3000:]
     assert "Traceback" not in out
     assert not list(caches.glob("*/shard-*"))
@@ -157,10 +157,10 @@ BAD_CONFIG_PROBLEMS = [
 def _bad_cfg(small, tmp: Path, section: dict, overrides=()) -> tuple[Path, list[str]]:
     d = json.loads(json.dumps(small["cfg"]))
     d["teacher"]["cache_root"] = str(tmp / "caches")
-    d["train"] = _train_section(tmp / "runs")
+    d["train"] = train_section(tmp / "runs")
     for k, v in section.items():
         d.setdefault(k, {}).update(v)
-    return _write_yaml(tmp / "bad.yaml", d), list(overrides)
+    return write_yaml(tmp / "bad.yaml", d), list(overrides)
 
 
 @pytest.mark.parametrize("stage", ["teacher_cache", "train"])
@@ -192,12 +192,12 @@ def test_top_k_not_below_vocab_fails_before_any_work(small, tmp_path, capsys):
 @pytest.mark.parametrize("stage", ["teacher_cache", "train"])
 def test_bad_config_cli(small, tmp_path, stage):
     cfg, ov = _bad_cfg(small, tmp_path, BAD_CONFIG, BAD_OVERRIDES)
-    rc, out = _run(f"stages.{stage}", [cfg] + ov, tmp_path / "a.log")
+    rc, out = run_stage(f"stages.{stage}", [cfg] + ov, tmp_path / "a.log")
     assert rc == 2 and not [p for p in BAD_CONFIG_PROBLEMS if p not in out], out[-3000:]
     assert "Traceback" not in out
     if stage == "teacher_cache":
         cfg, _ = _bad_cfg(small, tmp_path, {"teacher": {"top_k": 49152}})
-        rc, out = _run(f"stages.{stage}", [cfg], tmp_path / "c.log")
+        rc, out = run_stage(f"stages.{stage}", [cfg], tmp_path / "c.log")
         assert rc == 2 and "must be < the model's vocabulary size 49152" in out, out[-3000:]
         assert "Traceback" not in out
     assert not (tmp_path / "caches").exists() and not (tmp_path / "runs").exists()
@@ -224,11 +224,11 @@ BAD_NUMBER_KEYS = ["train.lr", "train.alpha", "train.general_ratio", "train.weig
 @faults
 @pytest.mark.parametrize("stage", ["teacher_cache", "train"])
 def test_every_bad_number_is_refused_before_any_work_cli(small, tmp_path, stage):
-    cfg_path, _ = _train_cfg_file(small, tmp_path)
+    cfg_path, _ = train_cfg_file(small, tmp_path)
     d = yaml.safe_load(cfg_path.read_text())
     d["teacher"]["cache_root"] = str(tmp_path / "caches")
-    _write_yaml(cfg_path, d)
-    rc, out = _run(f"stages.{stage}", [cfg_path, *BAD_NUMBERS], tmp_path / "a.log")
+    write_yaml(cfg_path, d)
+    rc, out = run_stage(f"stages.{stage}", [cfg_path, *BAD_NUMBERS], tmp_path / "a.log")
     assert rc == 2 and "Traceback" not in out, out[-3000:]
     missing = [k for k in BAD_NUMBER_KEYS if k not in out]
     assert not missing, (missing, out[-3000:])
@@ -239,13 +239,13 @@ def test_every_bad_number_is_refused_before_any_work_cli(small, tmp_path, stage)
 @pytest.mark.parametrize("name", ["smollm2-135m-instruc", "HuggingFaceTB/SmolLM2-135M-Instruc", "my model"])
 def test_a_mistyped_model_name_cli(small, tmp_path, name):
     """A typo in model.name: exit 2 saying where MoL looked, before any cache folder exists."""
-    cfg_path, _ = _train_cfg_file(small, tmp_path)
+    cfg_path, _ = train_cfg_file(small, tmp_path)
     d = yaml.safe_load(cfg_path.read_text())
     d["teacher"]["cache_root"] = str(tmp_path / "caches")
-    _write_yaml(cfg_path, d)
+    write_yaml(cfg_path, d)
     offline = "import os\nos.environ['HF_HUB_OFFLINE'] = '1'\n"  # this machine has no hub; CI neither
     for stage in ("teacher_cache", "train"):
-        rc, out = _run(f"stages.{stage}", [cfg_path, f"model.name={name}"], tmp_path / f"{stage}.log", offline)
+        rc, out = run_stage(f"stages.{stage}", [cfg_path, f"model.name={name}"], tmp_path / f"{stage}.log", offline)
         assert rc == 2 and "Traceback" not in out, out[-3000:]
         assert f"model {name!r}: no such local folder or hub id" in out, out[-3000:]
     assert not (tmp_path / "caches").exists() and not (tmp_path / "runs").exists()

@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import GEN, MED, tiny_config, write_jsonl
-from faults_kit import (_assert_complete_like, _check_cache_state, _kill_after, _kill_when, _ref_shards, _run,
-                        _shards, _spawn, _train_section, _write_yaml, faults)
+from faults_kit import (assert_complete_like, check_cache_state, faults, kill_after, kill_when, ref_shards, run_stage,
+                        spawn_stage, train_section, unit_shards, write_yaml)
 from mol import cache as C
 from mol.config import load_config
 from mol.teacher import cache_lock, run_teacher_pass
@@ -82,14 +82,14 @@ def full(tiny_model_dir, tmp_path_factory):
     corpora = {"med": write_jsonl(root / "med.jsonl", MED), "gen": write_jsonl(root / "gen.jsonl", GEN)}
     d = tiny_config(tiny_model_dir, corpora, root / "ref-caches")
     ref_dir, _ = run_teacher_pass(load_config(data=d))
-    ref = _ref_shards(ref_dir)
+    ref = ref_shards(ref_dir)
     # one uninterrupted CLI run: its length scales the random kill delays, and its shards must
     # equal the in-process build's (the comparison every trial relies on)
     cfg_path, cache_dir = _fresh_teacher_cfg(d, root, "cli-ref")
     t0 = time.monotonic()
-    rc, out = _run("stages.teacher_cache", [cfg_path], root / "cli-ref.log")
+    rc, out = run_stage("stages.teacher_cache", [cfg_path], root / "cli-ref.log")
     assert rc == 0, out[-3000:]
-    _assert_complete_like(cache_dir, ref)
+    assert_complete_like(cache_dir, ref)
     return {"root": root, "corpora": corpora, "cfg": d, "ref_dir": ref_dir, "ref": ref, "model": tiny_model_dir,
             "seconds": time.monotonic() - t0}
 
@@ -98,7 +98,7 @@ def _fresh_teacher_cfg(base: dict, tmp: Path, name: str) -> tuple[Path, Path]:
     """The base config with its own cache_root: returns (config file, the cache folder it names)."""
     d = json.loads(json.dumps(base))
     d["teacher"]["cache_root"] = str(tmp / name)
-    cfg_path = _write_yaml(tmp / f"{name}.yaml", d)
+    cfg_path = write_yaml(tmp / f"{name}.yaml", d)
     return cfg_path, C.resolve_cache_key(load_config(data=d)).cache_dir
 
 
@@ -116,24 +116,24 @@ def _teacher_trial(setup: dict, tmp: Path, seed: int, mode: str, resume_in_proce
     def one_kill(mode: str, tag: str) -> None:
         log = tmp / f"{tag}.log"
         if mode == "mid_write":       # a half-written temp shard, then death
-            rc, _ = _run("stages.teacher_cache", [cfg_path], log, _pre_kill_in_shard_write(rng.randint(1, 3), 0.5))
+            rc, _ = run_stage("stages.teacher_cache", [cfg_path], log, _pre_kill_in_shard_write(rng.randint(1, 3), 0.5))
             assert rc == -signal.SIGKILL
             killed = True
         elif mode == "before_rename":  # a complete temp shard, killed before its rename
-            rc, _ = _run("stages.teacher_cache", [cfg_path], log, _pre_kill_in_shard_write(rng.randint(1, 3), 1.0))
+            rc, _ = run_stage("stages.teacher_cache", [cfg_path], log, _pre_kill_in_shard_write(rng.randint(1, 3), 1.0))
             assert rc == -signal.SIGKILL
             killed = True
         elif mode == "shard":          # right after the k-th shard appears (k = 0: model loaded, none yet)
-            have = len(_shards(cache_dir)) if cache_dir.is_dir() else 0
+            have = len(unit_shards(cache_dir)) if cache_dir.is_dir() else 0
             k = rng.randint(have + 1 if have else 0, n)
-            proc = _spawn("stages.teacher_cache", [cfg_path], log)
+            proc = spawn_stage("stages.teacher_cache", [cfg_path], log)
             cond = ((lambda: (cache_dir / "config.yaml").exists()) if k == 0
-                    else (lambda: len(_shards(cache_dir)) >= k if cache_dir.is_dir() else False))
-            killed = _kill_when(proc, cond)
+                    else (lambda: len(unit_shards(cache_dir)) >= k if cache_dir.is_dir() else False))
+            killed = kill_when(proc, cond)
         else:                          # after a seeded delay: start-up, packing, shards or manifest
-            proc = _spawn("stages.teacher_cache", [cfg_path], log)
-            killed = _kill_after(proc, rng.uniform(0.05, 1.0) * setup.get("seconds", 10.0))
-        state = _check_cache_state(cache_dir, ref)
+            proc = spawn_stage("stages.teacher_cache", [cfg_path], log)
+            killed = kill_after(proc, rng.uniform(0.05, 1.0) * setup.get("seconds", 10.0))
+        state = check_cache_state(cache_dir, ref)
         seen.append({"mode": mode, "killed": killed, **state})
 
     one_kill(mode, f"t{seed}-1")
@@ -142,9 +142,9 @@ def _teacher_trial(setup: dict, tmp: Path, seed: int, mode: str, resume_in_proce
     if resume_in_process:
         _, status = run_teacher_pass(load_config(cfg_path))
     else:
-        rc, out = _run("stages.teacher_cache", [cfg_path], tmp / f"t{seed}-final.log")
+        rc, out = run_stage("stages.teacher_cache", [cfg_path], tmp / f"t{seed}-final.log")
         assert rc == 0, out[-3000:]
-    _assert_complete_like(cache_dir, ref)
+    assert_complete_like(cache_dir, ref)
     return seen
 
 
@@ -176,28 +176,28 @@ def test_second_writer_is_refused(small, tmp_path, capsys):
         assert teacher_cache.main([str(cfg_path)]) == 2
         err = capsys.readouterr().err
         assert "another teacher pass is writing this cache (lock held)" in err and str(cache_dir) in err
-        assert not _shards(cache_dir)
+        assert not unit_shards(cache_dir)
     _, status = run_teacher_pass(load_config(cfg_path))
     assert status == "built"
-    _assert_complete_like(cache_dir, small["ref"])
+    assert_complete_like(cache_dir, small["ref"])
 
 
 @faults
 def test_two_teacher_processes_at_once(small, tmp_path):
     cfg_path, cache_dir = _fresh_teacher_cfg(small["cfg"], tmp_path, "race")
     # the first pass is slowed so it still holds the lock when the second arrives
-    first = _spawn("stages.teacher_cache", [cfg_path], tmp_path / "first.log", _pre_slow_shards(1.5))
+    first = spawn_stage("stages.teacher_cache", [cfg_path], tmp_path / "first.log", _pre_slow_shards(1.5))
     t0 = time.monotonic()
-    while not _shards(cache_dir):
+    while not unit_shards(cache_dir):
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert time.monotonic() - t0 < 120
         time.sleep(0.01)
-    rc, out = _run("stages.teacher_cache", [cfg_path], tmp_path / "second.log")
+    rc, out = run_stage("stages.teacher_cache", [cfg_path], tmp_path / "second.log")
     assert first.poll() is None, "the first pass ended before the second reached the lock: test too slow"
     assert rc == 2, out[-3000:]
     assert "another teacher pass is writing this cache (lock held)" in out
     assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()[-3000:]
-    _assert_complete_like(cache_dir, small["ref"])
+    assert_complete_like(cache_dir, small["ref"])
 
 
 # --------------------------------------------------------------------------- 3. corrupt caches
@@ -312,7 +312,7 @@ def _corrupt_copy(small, tmp: Path, case) -> Path:
 
 
 def _train_cfg_on(small, cache_dir: Path, tmp: Path, **over) -> dict:
-    return {**small["cfg"], "train": _train_section(tmp / "runs", cache_dir=str(cache_dir), **over)}
+    return {**small["cfg"], "train": train_section(tmp / "runs", cache_dir=str(cache_dir), **over)}
 
 
 @pytest.mark.parametrize("case", CORRUPTIONS, ids=[c[0] for c in CORRUPTIONS])
@@ -334,10 +334,10 @@ def test_corrupt_cache_is_refused(small, tmp_path, capsys, case):
 @pytest.mark.parametrize("case", CORRUPTIONS, ids=[c[0] for c in CORRUPTIONS])
 def test_corrupt_cache_is_refused_cli(small, tmp_path, case):
     d = _corrupt_copy(small, tmp_path, case)
-    rc, out = _run("stages.cache_info", ["--path", d], tmp_path / "info.log")
+    rc, out = run_stage("stages.cache_info", ["--path", d], tmp_path / "info.log")
     assert rc == case[2] and case[3] in out, out[-3000:]
-    cfg = _write_yaml(tmp_path / "train.yaml", _train_cfg_on(small, d, tmp_path))
-    rc, out = _run("stages.train", [cfg, "train.run_name=x"], tmp_path / "train.log")
+    cfg = write_yaml(tmp_path / "train.yaml", _train_cfg_on(small, d, tmp_path))
+    rc, out = run_stage("stages.train", [cfg, "train.run_name=x"], tmp_path / "train.log")
     assert rc == 2 and case[4] in out, out[-3000:]
     assert not (tmp_path / "runs").exists()
 
@@ -380,12 +380,12 @@ def test_disk_full_while_writing_a_shard(small, tmp_path, monkeypatch, capsys, w
     assert teacher_cache.main([str(cfg_path)]) == 2
     err = capsys.readouterr().err
     assert "shard-00000-00001.parquet" in err and "No space left on device" in err, err
-    state = _check_cache_state(cache_dir, small["ref"])
+    state = check_cache_state(cache_dir, small["ref"])
     assert state == {"shards": 1, "tmp": False, "manifest": False}
     monkeypatch.undo()
     _, status = run_teacher_pass(load_config(cfg_path))
     assert status == "resumed"
-    _assert_complete_like(cache_dir, small["ref"])
+    assert_complete_like(cache_dir, small["ref"])
 
 
 def test_disk_full_while_writing_the_manifest(small, tmp_path, monkeypatch):
@@ -401,20 +401,20 @@ def test_disk_full_while_writing_the_manifest(small, tmp_path, monkeypatch):
     with pytest.raises(C.CacheError, match=C.MANIFEST):
         run_teacher_pass(load_config(cfg_path))
     unit0 = [n for n in small["ref"] if n.startswith(next(iter(small["ref"])).split("/")[0] + "/")]
-    assert _check_cache_state(cache_dir, small["ref"]) == {"shards": len(unit0), "tmp": False, "manifest": False}
+    assert check_cache_state(cache_dir, small["ref"]) == {"shards": len(unit0), "tmp": False, "manifest": False}
     monkeypatch.undo()
     assert run_teacher_pass(load_config(cfg_path))[1] == "resumed"
-    _assert_complete_like(cache_dir, small["ref"])
+    assert_complete_like(cache_dir, small["ref"])
 
 
 @faults
 def test_disk_full_cli(small, tmp_path):
     cfg_path, cache_dir = _fresh_teacher_cfg(small["cfg"], tmp_path, "full")
-    rc, out = _run("stages.teacher_cache", [cfg_path], tmp_path / "a.log", _pre_disk_full(2))
+    rc, out = run_stage("stages.teacher_cache", [cfg_path], tmp_path / "a.log", _pre_disk_full(2))
     assert rc == 2 and "shard-00000-00001.parquet" in out and "No space left on device" in out, out[-3000:]
     assert "Traceback" not in out
-    assert _check_cache_state(cache_dir, small["ref"]) == {"shards": 1, "tmp": False, "manifest": False}
-    rc, out = _run("stages.teacher_cache", [cfg_path], tmp_path / "b.log")
+    assert check_cache_state(cache_dir, small["ref"]) == {"shards": 1, "tmp": False, "manifest": False}
+    rc, out = run_stage("stages.teacher_cache", [cfg_path], tmp_path / "b.log")
     assert rc == 0 and "teacher cache resumed" in out, out[-3000:]
-    _assert_complete_like(cache_dir, small["ref"])
+    assert_complete_like(cache_dir, small["ref"])
 

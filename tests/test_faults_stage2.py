@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from faults_kit import (_assert_same_metrics, _kill_when, _latest_state, _metrics, _run, _spawn, _train_cfg_file,
-                        _train_section, faults)
+from conftest import metrics_records
+from faults_kit import (assert_same_metrics, faults, kill_when, latest_state, run_stage, spawn_stage, train_cfg_file,
+                        train_section)
 from mol import cache as C
 from mol.batching import collate
 from mol.config import load_config
@@ -74,7 +75,7 @@ RunFolder.save_weights = _die
 @pytest.fixture(scope="module")
 def ref_run(small):
     """An uninterrupted 6-step run, checkpointing every step, on the small cache."""
-    d = {**small["cfg"], "train": _train_section(small["root"] / "runs", run_name="ref")}
+    d = {**small["cfg"], "train": train_section(small["root"] / "runs", run_name="ref")}
     return train(load_config(data=d))
 
 
@@ -107,21 +108,21 @@ def _watch_checkpoints(proc: subprocess.Popen, run_dir: Path, kill_at: str | Non
 def _after_kill_checks(run_dir: Path) -> str | None:
     if not (run_dir / "checkpoints" / "latest").is_file():
         return None
-    name, state = _latest_state(run_dir)
+    name, state = latest_state(run_dir)
     assert name == f"step-{state['step']:06d}"
     assert all(torch.isfinite(v).all() for v in state["trainable"].values())
     return name
 
 
 def test_train_sigkill_resumes_identically(small, ref_run, tmp_path):
-    cfg_path, run_dir = _train_cfg_file(small, tmp_path)
-    proc = _spawn("stages.train", [cfg_path, "train.run_name=x"], tmp_path / "kill.log")
+    cfg_path, run_dir = train_cfg_file(small, tmp_path)
+    proc = spawn_stage("stages.train", [cfg_path, "train.run_name=x"], tmp_path / "kill.log")
     killed, loaded = _watch_checkpoints(proc, run_dir, "step-000002")
     assert killed, (tmp_path / "kill.log").read_text()[-3000:]
     assert _after_kill_checks(run_dir) >= "step-000002"
     assert not (run_dir / "summary.json").exists()
     train(load_config(cfg_path, ["train.run_name=x", "train.resume=true"]))
-    _assert_same_metrics(_metrics(ref_run), _metrics(run_dir))
+    assert_same_metrics(metrics_records(ref_run), metrics_records(run_dir))
 
 
 # kill points: after the k-th checkpoint appears (0: before any checkpoint, once metrics exist;
@@ -132,14 +133,14 @@ STAGE2_KILLS = ["ckpt-0", "ckpt-1", "ckpt-3", "ckpt-5", "ckpt-6", "in-checkpoint
 @faults
 @pytest.mark.parametrize("kill", STAGE2_KILLS)
 def test_train_sigkill_sweep(small, ref_run, tmp_path, kill):
-    cfg_path, run_dir = _train_cfg_file(small, tmp_path)
+    cfg_path, run_dir = train_cfg_file(small, tmp_path)
     args = [cfg_path, "train.run_name=x"]
     log = tmp_path / "kill.log"
     if kill.startswith("ckpt-"):
         k = int(kill.split("-")[1])
-        proc = _spawn("stages.train", args, log)
+        proc = spawn_stage("stages.train", args, log)
         if k == 0:
-            killed = _kill_when(proc, lambda: (run_dir / "metrics.jsonl").is_file(), every=0.001)
+            killed = kill_when(proc, lambda: (run_dir / "metrics.jsonl").is_file(), every=0.001)
         else:
             killed, _ = _watch_checkpoints(proc, run_dir, f"step-{k:06d}")
         assert killed, log.read_text()[-3000:]
@@ -147,12 +148,12 @@ def test_train_sigkill_sweep(small, ref_run, tmp_path, kill):
         step = int(kill.rsplit("-", 1)[1])
         pre = {"in-checkpoint": _pre_kill_in_checkpoint, "torn-metrics": _pre_torn_metrics_line,
                "in-outputs": _pre_kill_in_outputs}[kill.rsplit("-", 1)[0]](step)
-        rc, out = _run("stages.train", args, log, pre)
+        rc, out = run_stage("stages.train", args, log, pre)
         assert rc == -signal.SIGKILL, out[-3000:]
     _after_kill_checks(run_dir)
-    rc, out = _run("stages.train", args + ["train.resume=true"], tmp_path / "resume.log")
+    rc, out = run_stage("stages.train", args + ["train.resume=true"], tmp_path / "resume.log")
     assert rc == 0, out[-3000:]
-    _assert_same_metrics(_metrics(ref_run), _metrics(run_dir))
+    assert_same_metrics(metrics_records(ref_run), metrics_records(run_dir))
     assert not list((run_dir / "checkpoints").glob(".tmp*")), "a killed checkpoint's temp folder was left behind"
 
 
@@ -181,16 +182,16 @@ def _poison_step(monkeypatch, step: int, accum: int, how: str) -> None:
 @pytest.mark.parametrize("how", ["loss", "grad"])
 def test_non_finite_stops_training_and_keeps_last_good_checkpoint(small, tmp_path, monkeypatch, how):
     _poison_step(monkeypatch, step=3, accum=2, how=how)
-    d = {**small["cfg"], "train": _train_section(tmp_path / "runs", run_name="nan")}
+    d = {**small["cfg"], "train": train_section(tmp_path / "runs", run_name="nan")}
     with pytest.raises(TrainingError, match="non-finite") as e:
         train(load_config(data=d))
     assert "step 3" in str(e.value)
     run_dir = tmp_path / "runs" / "nan"
-    name, state = _latest_state(run_dir)
+    name, state = latest_state(run_dir)
     assert name == "step-000002" and state["step"] == 2
     assert all(torch.isfinite(v).all() for v in state["trainable"].values())
     assert not (run_dir / "checkpoints" / "step-000003").exists()
-    assert [r["step"] for r in _metrics(run_dir) if r["type"] == "train"] == [1, 2]
+    assert [r["step"] for r in metrics_records(run_dir) if r["type"] == "train"] == [1, 2]
 
 
 @pytest.mark.parametrize("via", ["encode_labels", "raw codes"])
@@ -279,47 +280,47 @@ torch.save = _save
 @faults
 @pytest.mark.parametrize("case", ["non-finite-weights", "disk-full-checkpoint"])
 def test_stage2_stops_cleanly_and_resumes_identically_cli(small, ref_run, tmp_path, case):
-    cfg_path, run_dir = _train_cfg_file(small, tmp_path)
+    cfg_path, run_dir = train_cfg_file(small, tmp_path)
     args = [cfg_path, "train.run_name=x"]
     pre = _pre_overflow_at(3) if case == "non-finite-weights" else _pre_disk_full_in_checkpoint(3)
-    rc, out = _run("stages.train", args, tmp_path / "a.log", pre)
+    rc, out = run_stage("stages.train", args, tmp_path / "a.log", pre)
     assert rc == 2 and "Traceback" not in out, out[-3000:]
     assert ("non-finite weights" if case == "non-finite-weights" else "No space left on device") in out, out[-3000:]
-    name, state = _latest_state(run_dir)
+    name, state = latest_state(run_dir)
     assert name == "step-000002" and all(torch.isfinite(v).all() for v in state["trainable"].values())
     assert str(run_dir / "checkpoints" / name) in out
     assert not list((run_dir / "checkpoints").glob(".tmp*")) and not (run_dir / "adapter").exists()
-    rc, out = _run("stages.train", args + ["train.resume=true"], tmp_path / "resume.log")
+    rc, out = run_stage("stages.train", args + ["train.resume=true"], tmp_path / "resume.log")
     assert rc == 0, out[-3000:]
-    _assert_same_metrics(_metrics(ref_run), _metrics(run_dir))
+    assert_same_metrics(metrics_records(ref_run), metrics_records(run_dir))
 
 
 @faults
 def test_two_trainers_on_one_run_folder_cli(small, tmp_path):
     """Started together on one run name: exactly one trains, the other exits 2 naming the lock;
     every metrics line is written once."""
-    cfg_path, run_dir = _train_cfg_file(small, tmp_path)
-    procs = [_spawn("stages.train", [cfg_path, "train.run_name=x"], tmp_path / f"{i}.log") for i in range(2)]
+    cfg_path, run_dir = train_cfg_file(small, tmp_path)
+    procs = [spawn_stage("stages.train", [cfg_path, "train.run_name=x"], tmp_path / f"{i}.log") for i in range(2)]
     rcs = sorted(p.wait(timeout=300) for p in procs)
     logs = "\n".join((tmp_path / f"{i}.log").read_text() for i in range(2))
     assert rcs == [0, 2], logs[-3000:]
     assert "another trainer is writing this run folder" in logs or "already holds a run" in logs, logs[-3000:]
     assert "Traceback" not in logs
-    steps = [(r["type"], r["step"]) for r in _metrics(run_dir)]
+    steps = [(r["type"], r["step"]) for r in metrics_records(run_dir)]
     assert len(steps) == len(set(steps)) and ("train", 6) in steps
 
 
 @faults
 def test_a_resume_with_changed_settings_is_refused_cli(small, tmp_path):
-    cfg_path, run_dir = _train_cfg_file(small, tmp_path)
-    rc, out = _run("stages.train", [cfg_path, "train.run_name=x", "train.max_steps=2"], tmp_path / "a.log")
+    cfg_path, run_dir = train_cfg_file(small, tmp_path)
+    rc, out = run_stage("stages.train", [cfg_path, "train.run_name=x", "train.max_steps=2"], tmp_path / "a.log")
     assert rc == 0, out[-3000:]
     before = {p: (run_dir / p).read_bytes() for p in ("config.yaml", "metrics.jsonl")}
-    rc, out = _run("stages.train", [cfg_path, "train.run_name=x", "train.resume=true", "train.max_steps=4",
+    rc, out = run_stage("stages.train", [cfg_path, "train.run_name=x", "train.resume=true", "train.max_steps=4",
                                     "train.general_ratio=2", "model.dtype=bfloat16"], tmp_path / "b.log")
     assert rc == 2 and "Traceback" not in out, out[-3000:]
     for line in ("train.max_steps: 2 -> 4", "train.general_ratio: 1.0 -> 2.0", "model.dtype: 'auto' -> 'bfloat16'"):
         assert line in out, out[-3000:]
     assert {p: (run_dir / p).read_bytes() for p in before} == before
-    rc, out = _run("stages.train", [cfg_path, "train.resume=true"], tmp_path / "c.log")
+    rc, out = run_stage("stages.train", [cfg_path, "train.resume=true"], tmp_path / "c.log")
     assert rc == 2 and "train.resume=true needs train.run_name" in out, out[-3000:]

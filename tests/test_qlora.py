@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import save_tiny_llama, tiny_config
+from conftest import metrics_records, save_tiny_llama, tiny_config
 from mol import cache as C
 from mol.batching import subset_losses
 from mol.config import load_config
@@ -20,10 +20,6 @@ from mol.teacher import run_teacher_pass
 from mol.train import train
 
 pytest.importorskip("bitsandbytes")
-
-
-def _metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +47,7 @@ def _with(d: dict, **train) -> dict:
 @pytest.mark.parametrize("quantization", ["nf4", "int8"])
 def test_the_quantized_student_trains_and_its_loss_falls(nf4, quantization):
     run = train(load_config(data={**nf4, "model": {**nf4["model"], "quantization": quantization}}))
-    m = _metrics(run)
+    m = metrics_records(run)
     steps = [r for r in m if r["type"] == "train"]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
     val = [r for r in m if r["type"] == "val"]
@@ -63,7 +59,7 @@ def test_resume_of_a_4bit_run_equals_the_uninterrupted_run(nf4):
     full = train(load_config(data=_with(nf4, run_name="full")))
     train(load_config(data=_with(nf4, run_name="part")), stop_after=2)
     part = train(load_config(data=_with(nf4, run_name="part", resume=True)))
-    a, b = _metrics(full), _metrics(part)
+    a, b = metrics_records(full), metrics_records(part)
     assert [(r["type"], r["step"]) for r in a] == [(r["type"], r["step"]) for r in b]
     for x, y in zip(a, b):
         for key in ("loss", "ce/med", "kl/gen", "kl_to_base/gen"):
@@ -79,7 +75,7 @@ def test_the_adapter_lands_on_the_full_precision_base_and_merges_there(nf4, tiny
 
     cfg = load_config(data=_with(nf4, merge=True))
     run = train(cfg)
-    final = [r for r in _metrics(run) if r["type"] == "val"][-1]
+    final = [r for r in metrics_records(run) if r["type"] == "val"][-1]
     cache = C.TeacherCache(json.loads((run / "summary.json").read_text())["cache_dir"])
     val, dev = cache.load("val"), pick_device("cpu")
     fp_base = load_model(tiny64, cfg.model)
@@ -104,8 +100,8 @@ def test_the_8bit_optimizer_runs_on_cpu_and_resumes(nf4):
     full = train(load_config(data=_with(nf4, run_name="o8", optimizer="adamw8bit")))
     train(load_config(data=_with(nf4, run_name="o8p", optimizer="adamw8bit")), stop_after=2)
     part = train(load_config(data=_with(nf4, run_name="o8p", optimizer="adamw8bit", resume=True)))
-    a = [r["loss"] for r in _metrics(full) if r["type"] == "train"]
-    b = [r["loss"] for r in _metrics(part) if r["type"] == "train"]
+    a = [r["loss"] for r in metrics_records(full) if r["type"] == "train"]
+    b = [r["loss"] for r in metrics_records(part) if r["type"] == "train"]
     assert b == pytest.approx(a, rel=1e-5) and a[-1] < a[0]
 
 

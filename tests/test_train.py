@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cache_shards, tiny_config
+from conftest import cache_shards, metrics_records, tiny_config
 from mol import cache as C
 from mol.batching import subset_losses
 from mol.cache import CacheError
@@ -33,14 +33,10 @@ def cache_ready(tiny_model_dir, corpora, tmp_path):
     return d
 
 
-def _metrics(run_dir):
-    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_end_to_end_and_adapter_reload(cache_ready, tiny_model_dir):
     cfg = load_config(data=cache_ready)
     run_dir = train(cfg)
-    m = _metrics(run_dir)
+    m = metrics_records(run_dir)
     train_lines = [r for r in m if r["type"] == "train"]
     assert [r["step"] for r in train_lines] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in train_lines)
@@ -67,7 +63,7 @@ def test_resume_matches_uninterrupted(cache_ready):
     train(load_config(data=part_cfg), stop_after=2)
     assert not (full.parent / "part" / "adapter").exists()
     part = train(load_config(data={**part_cfg, "train": {**part_cfg["train"], "resume": True}}))
-    a, b = _metrics(full), _metrics(part)
+    a, b = metrics_records(full), metrics_records(part)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for x, y in zip(a, b):
         for key in ("loss", "ce/domain", "kl/general", "ce/general"):
@@ -84,7 +80,7 @@ def test_accumulation_gives_the_same_update(cache_ready):
     wa, wb = load_file(one / "adapter/adapter_model.safetensors"), load_file(acc / "adapter/adapter_model.safetensors")
     for k_ in wa:
         torch.testing.assert_close(wa[k_], wb[k_], rtol=1e-4, atol=1e-6)
-    assert _metrics(one)[1]["grad_norm"] == pytest.approx(_metrics(acc)[1]["grad_norm"], rel=1e-4)
+    assert metrics_records(one)[1]["grad_norm"] == pytest.approx(metrics_records(acc)[1]["grad_norm"], rel=1e-4)
 
 
 @pytest.mark.parametrize("ratio", [0.5, 1.0, 1.5, 2.0])
@@ -116,7 +112,7 @@ def test_schedule_warmup_then_cosine(cache_ready):
 def test_ce_mode_and_ratio_run(cache_ready):
     run = train(load_config(data={**cache_ready, "train": {**cache_ready["train"], "mode": "ce", "general_ratio": 2.0,
                                                            "max_steps": 2, "run_name": "ce"}}))
-    tr = [r for r in _metrics(run) if r["type"] == "train"]
+    tr = [r for r in metrics_records(run) if r["type"] == "train"]
     assert "kl/general" not in tr[0] and tr[0]["loss"] == pytest.approx(
         (tr[0]["ce/domain"] * 0 + tr[0]["ce/general"] * 0) + tr[0]["loss"])
     assert json.loads((run / "summary.json").read_text())["mode"] == "ce"
@@ -183,7 +179,7 @@ def test_two_processes_match_one(cache_ready):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "2 processes x 4 sequences" in r.stderr
     two = one.parent / "two"
-    a, b = _metrics(one), _metrics(two)
+    a, b = metrics_records(one), metrics_records(two)
     assert [(x["type"], x["step"]) for x in a] == [(x["type"], x["step"]) for x in b]
     for x, y in zip(a, b):
         for key in ("loss", "grad_norm", "ce/domain", "ce/general", "kl/general", "tokens"):

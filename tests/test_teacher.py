@@ -1,26 +1,18 @@
-"""Stage 1 end to end on a tiny random model: the cache equals a direct forward pass, is
-deterministic, resumes, refuses a second writer, and verify catches corruption."""
+"""Stage 1 end to end on a tiny random model (mol/teacher.py): the labeller against float64, the cache
+equals a direct forward pass, is deterministic, resumes, refuses a foreign shard and a second writer,
+shares units between configs, and two sharded workers give one worker's cache."""
 
 import json
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import assert_sqrt_grid, cache_shards, cache_units, tiny_config
 from mol import cache as C
 from mol.config import load_config
 from mol.model import load_model
 from mol.teacher import cache_lock, run_teacher_pass
-
-
-@pytest.fixture
-def built(tiny_model_dir, corpora, tmp_path):
-    cfg = load_config(data=tiny_config(tiny_model_dir, corpora, tmp_path / "caches"))
-    cache_dir, status = run_teacher_pass(cfg)
-    assert status == "built"
-    return cfg, cache_dir
 
 
 def _direct(model, ids):
@@ -34,12 +26,6 @@ def _ascending(top):
     order = np.argsort(top.indices.numpy(), axis=1)
     return (np.take_along_axis(top.indices.numpy(), order, 1),
             np.take_along_axis(top.values.exp().numpy(), order, 1))
-
-
-def _assert_sqrt_grid(decoded, exact):
-    """A code of round(1023 sqrt(p)) is within half a step of sqrt(p): |Δp| <= sqrt(p)/1023 + 1/1023²."""
-    bound = np.sqrt(exact) / C.PROB_LEVELS + 1.0 / C.PROB_LEVELS ** 2 + 1e-7
-    assert (np.abs(decoded.astype(np.float64) - exact) <= bound).all()
 
 
 def test_topk_from_hidden_matches_a_float64_dense_softmax():
@@ -62,24 +48,6 @@ def test_topk_from_hidden_matches_a_float64_dense_softmax():
     torch.testing.assert_close(resid.double(), exact_resid, rtol=1e-5, atol=1e-38)  # fp32 subnormals below
 
 
-def test_encode_decode_round_trip():
-    rng = np.random.default_rng(0)
-    logits = rng.normal(size=(50, 40)) * 3
-    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    ids = np.argsort(-p, axis=1)[:, :8]
-    probs = np.take_along_axis(p, ids, 1)
-    resid = 1 - probs.sum(1)
-    gaps, codes, sres = C.encode_labels(ids, probs, resid, vocab_size=40)
-    assert gaps.dtype == np.uint16 and codes.dtype == np.uint16 and sres.dtype == np.uint16
-    sid = C.decode_ids(gaps)
-    assert np.array_equal(np.sort(ids, 1), sid)  # the same set, ascending
-    assert (np.diff(sid.astype(np.int64), axis=1) > 0).all() and codes.min() >= 1 and codes.max() <= C.PROB_LEVELS
-    back = np.take_along_axis(p, sid.astype(np.int64), 1)  # the same ids' exact probabilities
-    _assert_sqrt_grid(C.decode_probs(codes), back)
-    big = C.encode_labels(ids + 70000, probs, resid, vocab_size=80000)[0]
-    assert big.dtype == np.uint32 and np.array_equal(C.decode_ids(big), np.sort(ids, 1) + 70000)
-
-
 def test_cache_equals_direct_forward(built, tiny_model_dir):
     cfg, cache_dir = built
     cache = C.TeacherCache(cache_dir)
@@ -93,50 +61,9 @@ def test_cache_equals_direct_forward(built, tiny_model_dir):
         top = torch.topk(logp, cfg.teacher.top_k, dim=-1)
         ids, probs = _ascending(top)
         assert np.array_equal(r[C.TOPK_IDS].astype(np.int64), ids)
-        _assert_sqrt_grid(r[C.TOPK_PROBS], probs)
+        assert_sqrt_grid(r[C.TOPK_PROBS], probs)
         exact_resid = 1 - top.values.exp().sum(-1).numpy()
         np.testing.assert_allclose(r[C.RESIDUAL], exact_resid, rtol=1e-3, atol=1e-7)  # log code: 5.3e-4 relative
-
-
-def _units(cache_dir):
-    return [u.path for u in C.TeacherCache(cache_dir).units]
-
-
-def _shards(cache_dir):
-    return [p for u in _units(cache_dir) for p in sorted(u.glob("shard-*.parquet"))]
-
-
-def test_residual_code_never_underflows():
-    """Schema 3: relative error <= 1e-3 for every r in [1e-30, 1]; nothing above 1e-30 decodes to 0."""
-    r = np.concatenate([np.logspace(-30, 0, 200_001), [1e-30, 1.0, 0.5, 1 - 1e-7]])
-    back = C.decode_residual(C.encode_residual(r)).astype(np.float64)
-    assert np.abs(back / r - 1).max() <= 1e-3
-    assert back.min() > 0
-    assert C.decode_residual(C.encode_residual(np.array([0.0, 1e-45, 1e-31])))[0] == np.float32(1e-30)
-
-
-def test_schema_and_plain_readers(built):
-    _, cache_dir = built
-    shard = _shards(cache_dir)[0]
-    t = pq.read_table(shard)
-    assert t.schema.field(C.INPUT_IDS).type.value_type == "uint16"  # 49152-token vocab fits 16 bits
-    assert str(t.schema.field(C.TOPK_PROBS).type.value_type.value_type) == "uint16"
-    assert str(t.schema.field(C.RESIDUAL).type.value_type) == "uint16"
-    assert pq.ParquetFile(shard).metadata.row_group(0).column(0).compression == "ZSTD"
-    from datasets import load_dataset
-
-    m = json.loads((cache_dir / "manifest.json").read_text())
-    rows = 0
-    for unit in _units(cache_dir):
-        ds = load_dataset(str(unit), split="train")  # the unit folder is a Hugging Face dataset (card + shards)
-        row = ds[0]
-        assert len(row[C.TOPK_IDS]) == len(row[C.INPUT_IDS]) - 1 and len(row[C.TOPK_IDS][0]) == 5
-        assert ds.features[C.RESIDUAL].feature.dtype == "uint16"
-        assert "model fingerprint" in (unit / "README.md").read_text()
-        rows += ds.num_rows
-    assert m["totals"]["sequences"] == rows
-    assert m["fidelity"]["kl_quantisation_mean_abs"] < 1e-3
-    assert (cache_dir / "config.yaml").is_file()
 
 
 def test_rerun_is_a_no_op_and_changes_make_a_new_cache(built, tiny_model_dir, corpora, tmp_path):
@@ -152,7 +79,7 @@ def test_rerun_is_a_no_op_and_changes_make_a_new_cache(built, tiny_model_dir, co
 
 def test_deterministic_and_resumes_after_partial_run(built, tiny_model_dir, corpora, tmp_path):
     cfg, cache_dir = built
-    gen = _units(cache_dir)[1]
+    gen = cache_units(cache_dir)[1]
     unit = json.loads((gen / "manifest.json").read_text())
     assert len(unit["shards"]) >= 3
     # simulate a run killed after two shards of the general unit: no manifests, later shards missing,
@@ -170,13 +97,13 @@ def test_deterministic_and_resumes_after_partial_run(built, tiny_model_dir, corp
     # a fresh build elsewhere gives byte-identical shards
     fresh_cfg = load_config(data=tiny_config(tiny_model_dir, corpora, tmp_path / "fresh"))
     fresh_dir, _ = run_teacher_pass(fresh_cfg)
-    assert [C.sha256_path(p) for p in _shards(fresh_dir)] == [C.sha256_path(p) for p in _shards(cache_dir)]
+    assert [C.sha256_path(p) for p in cache_shards(fresh_dir)] == [C.sha256_path(p) for p in cache_shards(cache_dir)]
 
 
 def test_a_foreign_shard_is_refused_on_resume(built):
     """A valid shard of another segment placed under a missing shard's name is not trusted."""
     cfg, cache_dir = built
-    gen = _units(cache_dir)[1]
+    gen = cache_units(cache_dir)[1]
     unit = json.loads((gen / "manifest.json").read_text())
     (cache_dir / "manifest.json").unlink()
     (gen / "manifest.json").unlink()
@@ -198,18 +125,6 @@ def test_second_writer_is_refused(built):
                 pass
 
 
-def test_verify_names_the_bad_shard(built):
-    _, cache_dir = built
-    shards = _shards(cache_dir)
-    data = bytearray(shards[1].read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    shards[1].write_bytes(bytes(data))
-    shards[2].unlink()
-    problems = C.TeacherCache(cache_dir).verify()
-    assert any(shards[1].name in p and "sha256" in p for p in problems)
-    assert any(shards[2].name in p and "missing" in p for p in problems)
-
-
 def test_unlabelled_domain_rows(tiny_model_dir, corpora, tmp_path):
     cfg = load_config(data=tiny_config(tiny_model_dir, corpora, tmp_path / "c", teacher={"label_domain": False}))
     cache_dir, _ = run_teacher_pass(cfg)
@@ -217,17 +132,6 @@ def test_unlabelled_domain_rows(tiny_model_dir, corpora, tmp_path):
     assert cache.label_domain is False
     assert not cache.load("train", corpus="domain").has_teacher.any()
     assert cache.load("train", corpus="general").has_teacher.all()
-
-
-def test_mismatched_cache_is_refused(built):
-    _, cache_dir = built
-    cache = C.TeacherCache(cache_dir)
-    key = cache.manifest["key"]
-    cache.check_compatible(model_fp=key["model_fingerprint"], tokenizer_fp=key["tokenizer_fingerprint"], k=key["top_k"])
-    with pytest.raises(C.CacheError, match="k = 5"):
-        cache.check_compatible(model_fp=key["model_fingerprint"], tokenizer_fp=key["tokenizer_fingerprint"], k=31)
-    with pytest.raises(C.CacheError, match="model fingerprint"):
-        cache.check_compatible(model_fp="0" * 64, tokenizer_fp=key["tokenizer_fingerprint"], k=key["top_k"])
 
 
 @pytest.mark.slow
@@ -247,7 +151,7 @@ def test_real_smollm2_cache_matches_forward(real_model_dir, corpora, tmp_path):
         # near-equal logits at the k-th place may swap in or out of the set
         same = (r[C.TOPK_IDS].astype(np.int64) == ids).all(1)
         assert same.mean() > 0.95
-        _assert_sqrt_grid(r[C.TOPK_PROBS][same], probs[same])
+        assert_sqrt_grid(r[C.TOPK_PROBS][same], probs[same])
         np.testing.assert_allclose(r[C.RESIDUAL], 1 - top.values.exp().sum(-1).numpy(), rtol=2e-3, atol=1e-5)
 
 
@@ -329,7 +233,7 @@ def test_a_copied_unit_is_used_after_its_checks_and_refused_for_another_model(bu
     import shutil
 
     cfg, cache_dir = built
-    gen = _units(cache_dir)[1]
+    gen = cache_units(cache_dir)[1]
     # a second machine already has the general unit (copied, e.g. downloaded from the Hub)
     root = tmp_path / "elsewhere"
     shutil.copytree(gen, root / "units" / gen.name)
