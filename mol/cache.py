@@ -243,7 +243,7 @@ def shard_table(d: ShardData, k: int, vocab_size: int) -> pa.Table:
 # Splitting the bytes of each id, gap and code into separate streams lets zstd see the runs in
 # their high bytes (gaps are mostly < 256; codes < 1024 have six zero bits): ~20% smaller shards
 # than plain encoding, same values (make bench).
-_BYTE_STREAM_SPLIT = {
+COLUMN_ENCODING = {
     INPUT_IDS + ".list.element": "BYTE_STREAM_SPLIT",
     TOPK_IDS + ".list.element.list.element": "BYTE_STREAM_SPLIT",
     TOPK_PROBS + ".list.element.list.element": "BYTE_STREAM_SPLIT",
@@ -258,7 +258,7 @@ def write_shard(path: Path, table: pa.Table, zstd_level: int, before_rename=None
     try:
         pq.write_table(table, tmp, compression="zstd", compression_level=zstd_level,
                        use_dictionary=[CORPUS, SUBSET, SPLIT], write_statistics=[SEQ_ID],
-                       column_encoding=_BYTE_STREAM_SPLIT, row_group_size=row_group_rows)
+                       column_encoding=COLUMN_ENCODING, row_group_size=row_group_rows)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         if before_rename is not None and not before_rename():
@@ -544,7 +544,7 @@ class Sequences:
         return out
 
 
-def _sequences_from_tables(tables: list[pa.Table], where: Path, k: int) -> Sequences | None:
+def sequences_from_tables(tables: list[pa.Table], where: Path, k: int) -> Sequences | None:
     tables = [t for t in tables if t.num_rows]
     if not tables:
         return None
@@ -617,20 +617,48 @@ class CacheUnit:
         return unit
 
     @property
+    def key(self) -> dict:
+        """What the unit's bytes depend on: model and tokenizer fingerprints, k, labelled, source, packing."""
+        return self.manifest["key"]
+
+    @property
     def k(self) -> int:
-        return self.manifest["key"]["top_k"]
+        return self.key["top_k"]
 
     @property
     def labelled(self) -> bool:
-        return self.manifest["key"]["labelled"]
+        return self.key["labelled"]
+
+    @property
+    def source(self) -> dict:
+        """The source's corpus, subset and sha256 (as keyed)."""
+        return self.key["source"]
 
     @property
     def corpus(self) -> str:
-        return self.manifest["key"]["source"]["corpus"]
+        return self.source["corpus"]
+
+    @property
+    def subset(self) -> str:
+        return self.source["subset"]
+
+    @property
+    def totals(self) -> dict:
+        """sequences, tokens, bytes, bytes_per_token."""
+        return self.manifest["totals"]
+
+    @property
+    def shards(self) -> list[dict]:
+        """The shard entries (file, segment, part, rows, bytes, sha256), in order."""
+        return self.manifest["shards"]
+
+    @property
+    def shard_count(self) -> int:
+        return len(self.shards)
 
     @property
     def shard_paths(self) -> list[Path]:
-        return [self.path / s["file"] for s in self.manifest["shards"]]
+        return [self.path / s["file"] for s in self.shards]
 
     def _check_shard(self, s: dict, p: Path) -> list[str]:
         """A shard whose bytes match is still checked against the contract: schema, k, rows, and
@@ -689,7 +717,21 @@ class CacheUnit:
         """Every row of `split` as flat numpy arrays (None when the unit has none)."""
         cols = [SEQ_ID, CORPUS, SUBSET, INPUT_IDS] + (list(TEACHER_COLUMNS) if columns_teacher else [])
         tables = [pq.read_table(p, columns=cols, filters=[(SPLIT, "=", split)]) for p in self.shard_paths]
-        return _sequences_from_tables(tables, self.path, self.k)
+        return sequences_from_tables(tables, self.path, self.k)
+
+
+def sets_using(root: Path) -> dict[str, list[str]]:
+    """unit folder name -> the set folders (configs' caches) under `root` that list it; a set manifest
+    that cannot be read is skipped (an inventory lists what it can)."""
+    users: dict[str, list[str]] = {}
+    for mf in sorted((root / SETS_DIR).glob(f"*/{MANIFEST}")):
+        try:
+            m = json.loads(mf.read_text())
+            for u in m.get("units", []):
+                users.setdefault(Path(u["dir"]).name, []).append(mf.parent.name)
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+    return users
 
 
 class TeacherCache:
@@ -705,16 +747,34 @@ class TeacherCache:
         self.units = [CacheUnit(root / u["dir"], u["fingerprint"]) for u in self.manifest["units"]]
 
     @property
+    def key(self) -> dict:
+        """What the set depends on: model and tokenizer fingerprints, k, label_domain, packing, its units."""
+        return self.manifest["key"]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
     def k(self) -> int:
-        return self.manifest["key"]["top_k"]
+        return self.key["top_k"]
 
     @property
     def label_domain(self) -> bool:
-        return self.manifest["key"]["label_domain"]
+        return self.key["label_domain"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest["model"]["vocab_size"]
+
+    @property
+    def totals(self) -> dict:
+        """sequences, tokens, bytes, bytes_per_token over every unit."""
+        return self.manifest["totals"]
 
     @property
     def shard_count(self) -> int:
-        return sum(len(u.manifest["shards"]) for u in self.units)
+        return sum(u.shard_count for u in self.units)
 
     def verify(self, progress=None) -> list[str]:
         """Every unit's checks (see CacheUnit.verify), and each unit against the set's model and k."""

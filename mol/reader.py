@@ -34,7 +34,7 @@ class StreamingSequences:
         gid, row, unit_of = [], [], []
         units = [u for u in cache.units if corpus in (None, u.corpus)]
         for ui, u in enumerate(units):
-            for sh in u.manifest["shards"]:
+            for sh in u.shards:
                 path = u.path / sh["file"]
                 splits = self._splits(sh, path)
                 for g, (first, n) in enumerate(self._row_groups(sh, path)):
@@ -49,7 +49,7 @@ class StreamingSequences:
         self._gid, self._row = np.concatenate(gid), np.concatenate(row)
         which = np.concatenate(unit_of)
         self.corpus = np.array([u.corpus for u in units], dtype=object)[which]
-        self.subset = np.array([u.manifest["key"]["source"]["subset"] for u in units], dtype=object)[which]
+        self.subset = np.array([u.subset for u in units], dtype=object)[which]
         self.has_teacher = np.array([u.labelled for u in units], dtype=bool)[which]
         self._cache: OrderedDict[int, Future] = OrderedDict()
         self._sizes: dict[int, int] = {}
@@ -96,7 +96,7 @@ class StreamingSequences:
         # one thread a decode: the row group is small, and the prefetch thread runs beside the trainer
         table = self._file(path).read_row_group(rg, columns=[C.SEQ_ID, C.CORPUS, C.SUBSET, C.INPUT_IDS,
                                                              *C.TEACHER_COLUMNS], use_threads=False)
-        seqs = C._sequences_from_tables([table], unit.path, self.k)
+        seqs = C.sequences_from_tables([table], unit.path, self.k)
         with self._lock:
             self.decoded_groups += 1
             self._sizes[g] = sum(a.nbytes for a in (seqs.input_ids, seqs.teacher_topk_ids, seqs.teacher_topk_probs,

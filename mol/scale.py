@@ -25,7 +25,7 @@ import yaml
 from .cache import TeacherCache, resolve_cache_key
 from .config import load_config
 from .errors import StageFailed
-from .synthetic import _WORDS, write_corpus
+from .synthetic import WORDS, write_corpus
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def build_model(out: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<unk>"]
-    words = specials + sorted(set(_WORDS) | {"Record", "."} | {str(d) for d in range(10)})
+    words = specials + sorted(set(WORDS) | {"Record", "."} | {str(d) for d in range(10)})
     assert len(words) <= VOCAB
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
@@ -119,7 +119,7 @@ def run_scale(work: Path, sizes: dict[str, int] | None = None, progress=print) -
         cfg = _config(model, work, name, tokens)
         progress(f"{name}: Stage 1")
         s1 = _run_stage("stages.teacher_cache", [str(cfg)], work / f"{name}-stage1.log")
-        manifest = TeacherCache(resolve_cache_key(load_config(cfg)).cache_dir).manifest
+        totals = TeacherCache(resolve_cache_key(load_config(cfg)).cache_dir).totals
         progress(f"{name}: Stage 2")
         run_dir = work / "runs" / name
         if run_dir.exists():
@@ -127,7 +127,7 @@ def run_scale(work: Path, sizes: dict[str, int] | None = None, progress=print) -
         s2 = _run_stage("stages.train", [str(cfg)], work / f"{name}-stage2.log", run_dir / "metrics.jsonl")
         metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
         train_lines = [m for m in metrics if m["type"] == "train"]
-        t = manifest["totals"]
+        t = totals
         rows.append({
             "size": name, "tokens": t["tokens"], "sequences": t["sequences"],
             "stage1_seconds": s1["seconds"], "stage1_tokens_per_s": t["tokens"] / s1["seconds"],
@@ -227,7 +227,7 @@ def wide_vocab_storage(cache_dir: Path, vocab: int = QWEN3_VOCAB, zstd_level: in
     for unit in cache.units:
         for path in unit.shard_paths:
             t = pq.read_table(path)
-            seqs = C._sequences_from_tables([t], unit.path, cache.k)
+            seqs = C.sequences_from_tables([t], unit.path, cache.k)
             if seqs.teacher_topk_ids is None:
                 continue
             ids = seqs.teacher_topk_ids.astype(np.int64)
@@ -241,7 +241,7 @@ def wide_vocab_storage(cache_dir: Path, vocab: int = QWEN3_VOCAB, zstd_level: in
                                tok_off=seqs.tok_off, topk_ids=gaps, topk_probs=codes, residual=rc)
             buf = io.BytesIO()
             pq.write_table(C.shard_table(data, cache.k, vocab), buf, compression="zstd", compression_level=zstd_level,
-                           use_dictionary=[C.CORPUS, C.SUBSET, C.SPLIT], column_encoding=C._BYTE_STREAM_SPLIT)
+                           use_dictionary=[C.CORPUS, C.SUBSET, C.SPLIT], column_encoding=C.COLUMN_ENCODING)
             seconds += time.perf_counter() - t0
             size += buf.tell()
             tokens += int(seqs.tok_off[-1])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-_WORDS = ("the of and to in is was for on that with as by at from his her it an were are which this be or "
+WORDS = ("the of and to in is was for on that with as by at from his her it an were are which this be or "
           "patient dose renal cardiac therapy acute chronic protein cell clinical trial river market town "
           "harbour history century music science energy water light system model data").split()
 
@@ -28,7 +28,7 @@ def write_corpus(path: Path, tokens: int, seed: int = 0, words_per_record: int =
         i = 0
         while n_words > 0:
             n = min(n_words, int(words_per_record * (0.5 + rng.random())))
-            words = np.asarray(_WORDS)[rng.integers(0, len(_WORDS), n)]
+            words = np.asarray(WORDS)[rng.integers(0, len(WORDS), n)]
             f.write(json.dumps({"text": f"Record {i}. " + " ".join(words) + "."}) + "\n")
             n_words -= n
             i += 1
@@ -62,10 +62,10 @@ def instant_teacher(k: int, vocab: int):
     """Within the block, Stage 1 labels with an InstantTeacher instead of loading the model."""
     from . import teacher
 
-    real = teacher._teacher_backend
+    real = teacher.teacher_backend
     stub = InstantTeacher(k, vocab)
-    teacher._teacher_backend = lambda cfg, model_path, device, pad_id: (None, stub)
+    teacher.teacher_backend = lambda cfg, model_path, device, pad_id: (None, stub)
     try:
         yield stub
     finally:
-        teacher._teacher_backend = real
+        teacher.teacher_backend = real

@@ -44,7 +44,7 @@ def topk_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, k: int, chunk: 
     zeroed before the sum, so the sum is the residual's own numerator, accurate to fp32's relative
     precision however tiny it is (1 - Σp would be pure noise there); the top-k terms and the
     normaliser are float64. 3× cheaper than two log-sum-exps over the vocabulary and more exact
-    (tests/test_teacher_cache.py compares it with a float64 dense softmax).
+    (tests/test_teacher.py compares it with a float64 dense softmax).
     """
     n = hidden.shape[0]
     ids = torch.empty(n, k, dtype=torch.int64, device=hidden.device)
@@ -184,7 +184,7 @@ def _prepare(cfg: MolConfig):
     return rk, tokenizer, vocab
 
 
-def _teacher_backend(cfg: MolConfig, model_path: Path, device, pad_id: int):
+def teacher_backend(cfg: MolConfig, model_path: Path, device, pad_id: int):
     """(transformers model or None, label(batch of token lists) -> [(ids, probs, residual)])."""
     k, chunk = cfg.teacher.top_k, cfg.teacher.chunk_positions
     if cfg.teacher.backend == "vllm":
@@ -217,7 +217,7 @@ def cache_lock(folder: Path, worker: int | None = None, shared: bool = False, wh
             os.close(fd)
 
 
-def _residual_stats(codes: np.ndarray, limit: int = 64) -> dict:
+def residual_stats(codes: np.ndarray, limit: int = 64) -> dict:
     """One shard's residuals summarised for the manifest, from the stored codes (so the record is
     as deterministic as the shard). The fp16 counts say what schema 2 would have lost."""
     r = C.decode_residual(codes).astype(np.float64)
@@ -311,7 +311,7 @@ class _Labeller:
 
     def __call__(self, batch: list[np.ndarray]):
         if self.label is None:
-            self.model, self.label = _teacher_backend(self.cfg, self.model_path, self.device, self.pad_id)
+            self.model, self.label = teacher_backend(self.cfg, self.model_path, self.device, self.pad_id)
             if self.model is not None:
                 self.vocab = max(self.vocab, self.model.get_output_embeddings().weight.shape[0])
             if self.cfg.teacher.top_k >= self.vocab:
@@ -342,7 +342,7 @@ def _shard_data(group: _Group, unit: C.ResolvedUnit, segment: int, part: int, la
         probs = np.concatenate([x[1] for x in labels]) if labels else np.zeros((0, unit.key["top_k"]), np.float32)
         resid = np.concatenate([x[2] for x in labels]) if labels else np.zeros(0, np.float32)
         d.topk_ids, d.topk_probs, d.residual = C.encode_labels(ids, probs, resid, vocab)
-        record["residual"] = _residual_stats(d.residual)
+        record["residual"] = residual_stats(d.residual)
     d.metadata = {C.RESUME_KEY: json.dumps(record, separators=(",", ":")).encode()}
     return d
 
@@ -406,8 +406,8 @@ def _reuse_unit(u: C.ResolvedUnit) -> C.CacheUnit:
     """A complete unit (built here or copied from elsewhere) is used only once its checks pass."""
     unit = C.CacheUnit(u.dir, u.fingerprint)
     for name in ("model_fingerprint", "tokenizer_fingerprint", "top_k"):
-        if unit.manifest["key"][name] != u.key[name]:
-            raise C.CacheError(f"unit {u.dir}: {name} {str(unit.manifest['key'][name])[:12]} != this run's "
+        if unit.key[name] != u.key[name]:
+            raise C.CacheError(f"unit {u.dir}: {name} {str(unit.key[name])[:12]} != this run's "
                                f"{str(u.key[name])[:12]}; it was built by another model or tokenizer: remove it")
     problems = unit.verify()
     if problems:

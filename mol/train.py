@@ -489,7 +489,7 @@ def train(cfg: MolConfig, make_bar: Optional[MakeBar] = None, stop_after: Option
         model_path = resolve_model_path(cfg.model.name)
         tokenizer = load_tokenizer(model_path)
         cache = open_cache(cfg, model_path, tokenizer)
-        fingerprint = cache.manifest["fingerprint"]
+        fingerprint = cache.fingerprint
         if t.resume:
             run.check_cache(fingerprint)
         data = _Data.open(cache, t)

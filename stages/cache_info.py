@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import json
 import os
 import shutil
 import sys
@@ -19,18 +18,18 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mol.cache import MANIFEST, SETS_DIR, UNITS_DIR, CacheError, CacheUnit, TeacherCache, resolve_cache_key
+from mol.cache import SETS_DIR, UNITS_DIR, CacheError, CacheUnit, TeacherCache, resolve_cache_key, sets_using
 from mol.config import expand_path, load_config, mol_home
 from stages._cli import entry_point
 
 
 def describe(cache: TeacherCache) -> str:
     m = cache.manifest
-    t, r, key = m["totals"], m["residual"], m["key"]
+    t, r, key = cache.totals, m["residual"], cache.key
     lines = [
         f"cache        {cache.path}",
-        f"model        {m['model']['name']}  (fingerprint {key['model_fingerprint'][:12]}, vocab {m['model']['vocab_size']})",
-        f"k            {key['top_k']}   label_domain={key['label_domain']}   max_seq_len={key['packing']['max_seq_len']}",
+        f"model        {m['model']['name']}  (fingerprint {key['model_fingerprint'][:12]}, vocab {cache.vocab_size})",
+        f"k            {cache.k}   label_domain={cache.label_domain}   max_seq_len={key['packing']['max_seq_len']}",
         f"sequences    {t['sequences']}   tokens {t['tokens']}   units {len(cache.units)}   shards {cache.shard_count}",
         f"bytes        {t['bytes']}   ({t['bytes_per_token']:.1f} bytes/token)",
     ]
@@ -56,40 +55,27 @@ def describe(cache: TeacherCache) -> str:
 
 def describe_unit(unit: CacheUnit) -> str:
     m = unit.manifest
-    t, src = m["totals"], m["key"]["source"]
+    t, src = unit.totals, unit.source
     return "\n".join([
         f"unit         {unit.path}",
         f"source       {src['corpus']}/{src['subset']}  {m['source']['path']}  sha256 {src['sha256'][:12]}",
-        f"model        {m['model']['name']}  (fingerprint {m['key']['model_fingerprint'][:12]})  k {m['key']['top_k']}"
-        f"  labelled={m['key']['labelled']}",
-        f"sequences    {t['sequences']}   tokens {t['tokens']}   shards {len(m['shards'])}   segments {m.get('segments')}",
+        f"model        {m['model']['name']}  (fingerprint {unit.key['model_fingerprint'][:12]})  k {unit.k}"
+        f"  labelled={unit.labelled}",
+        f"sequences    {t['sequences']}   tokens {t['tokens']}   shards {unit.shard_count}   segments {m.get('segments')}",
         f"bytes        {t['bytes']}   ({t['bytes_per_token']:.1f} bytes/token)",
     ])
 
 
-def _sets_using(root: Path) -> dict[str, list[str]]:
-    """unit folder name -> the set folders (configs' caches) that list it."""
-    users: dict[str, list[str]] = {}
-    for mf in sorted((root / SETS_DIR).glob(f"*/{MANIFEST}")):
-        try:
-            m = json.loads(mf.read_text())
-            for u in m.get("units", []):
-                users.setdefault(Path(u["dir"]).name, []).append(mf.parent.name)
-        except (OSError, ValueError, TypeError, KeyError):
-            continue
-    return users
-
-
 def inventory(root: Path) -> str:
-    users = _sets_using(root)
+    users = sets_using(root)
     rows = [f"{'unit':58} {'source':28} {'tokens':>12} {'bytes':>14} {'B/token':>8}  used by"]
     for d in sorted((root / UNITS_DIR).glob("*")):
         if not d.is_dir():
             continue
         try:
-            m = CacheUnit(d).manifest
-            src = f"{m['key']['source']['corpus']}/{m['key']['source']['subset']}"
-            t = m["totals"]
+            unit = CacheUnit(d)
+            src = f"{unit.corpus}/{unit.subset}"
+            t = unit.totals
             rows.append(f"{d.name:58} {src:28} {t['tokens']:>12} {t['bytes']:>14} {t['bytes_per_token']:>8.1f}  "
                         + (", ".join(users.get(d.name, [])) or "-"))
         except CacheError:
@@ -138,7 +124,6 @@ def garbage_collect(configs: list[str], yes: bool) -> int:
 
 
 @entry_point
-@entry_point
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", nargs="?", help="YAML config naming the cache")
@@ -166,11 +151,10 @@ def main(argv=None) -> int:
     if path.parent.name == UNITS_DIR:
         cache = CacheUnit(path)
         print(describe_unit(cache))
-        count = len(cache.manifest["shards"])
     else:
         cache = TeacherCache(path)
         print(describe(cache))
-        count = cache.shard_count
+    count = cache.shard_count
     if not args.no_verify:
         bar = tqdm(total=count, desc="verify", unit="shard")
         problems = cache.verify(progress=bar.update)

@@ -91,12 +91,12 @@ def run_all(cfg: MolConfig, *, quick: bool = False, workdir: Optional[Path] = No
         cache_dir = ensure_cache(cfg, make_bar)
         cache = C.TeacherCache(cache_dir)
         k = cache.k
-        vocab = cache.manifest["model"]["vocab_size"]
+        vocab = cache.vocab_size
         model_path = resolve_model_path(cfg.model.name)
         tokenizer = load_tokenizer(model_path)
         train_seqs = cache.load("train")
         meta.update(cache_dir=str(cache_dir), k=k, vocab=vocab, model_path=str(model_path),
-                    cache_bytes_per_token=cache.manifest["totals"]["bytes_per_token"],
+                    cache_bytes_per_token=cache.totals["bytes_per_token"],
                     cache_fidelity=cache.manifest.get("fidelity"))
 
         enter("stage 1 vs bare forward")

@@ -52,10 +52,10 @@ def shard_data(rows: list[dict], labels: Optional[list[tuple]], vocab: int, *, s
                                                                np.concatenate([x[1] for x in labels]),
                                                                np.concatenate([x[2] for x in labels]), vocab)
     if record is not None:
-        from ..teacher import _residual_stats
+        from ..teacher import residual_stats
 
         if labels is not None:
-            record = {**record, "residual": _residual_stats(d.residual)}
+            record = {**record, "residual": residual_stats(d.residual)}
         d.metadata = {C.RESUME_KEY: json.dumps(record, separators=(",", ":")).encode()}
     return d
 
@@ -312,7 +312,7 @@ def _instrument_stage1() -> _Timers:
     tm.patch(queue.Queue, "get", "main: waiting for packed groups (queue get)")
     tm.patch(teacher, "_shard_data", "main: shard data (_shard_data: encode + resume record)")
     tm.patch(C, "encode_labels", "encode_labels")
-    tm.patch(teacher, "_residual_stats", "residual stats")
+    tm.patch(teacher, "residual_stats", "residual stats")
     tm.patch(C.ShardWriter, "submit", "main: submit (waits for a free writer slot)")
     tm.patch(C, "shard_table", "writer: shard_table")
     tm.patch(C, "write_shard", "writer: write_shard (Parquet encode + zstd + write + fsync)")
@@ -344,7 +344,7 @@ def _stage1_pipeline_child(config: dict, pool: str, instrument: bool = False):
     timers = _instrument_stage1() if instrument else None
     if timers is not None:
         stub = timers.wrap("main: teacher stub", stub)
-    teacher._teacher_backend = lambda *a, **kw: (None, stub)
+    teacher.teacher_backend = lambda *a, **kw: (None, stub)
 
     def run() -> dict:
         marks = []
@@ -357,9 +357,9 @@ def _stage1_pipeline_child(config: dict, pool: str, instrument: bool = False):
         wall = time.perf_counter() - t0
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
         cache = C.TeacherCache(cache_dir)
-        m = cache.manifest
-        out = {"status": status, "tokens": m["totals"]["tokens"], "sequences": m["totals"]["sequences"],
-               "bytes": m["totals"]["bytes"], "bytes_per_token": m["totals"]["bytes_per_token"],
+        t = cache.totals
+        out = {"status": status, "tokens": t["tokens"], "sequences": t["sequences"],
+               "bytes": t["bytes"], "bytes_per_token": t["bytes_per_token"],
                "shards": cache.shard_count, "segments": sum(u.manifest["segments"] for u in cache.units),
                "wall_s": wall, "cpu_s": (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime),
                "first_shard_s": marks[0][0] - t0 if marks else None,

@@ -41,7 +41,7 @@ def shard_from_file(path: Path, unit: C.CacheUnit, vocab: int) -> tuple[C.ShardD
     col = t.column(C.INPUT_IDS)
     col = col.chunk(0) if col.num_chunks else pa.array([], col.type)
     off = col.offsets.to_numpy().astype(np.int64)
-    src = unit.manifest["key"]["source"]
+    src = unit.source
     d = C.ShardData(seq_id=t.column(C.SEQ_ID).to_numpy(), corpus=src["corpus"], subset=src["subset"],
                     split=t.column(C.SPLIT).to_pylist(), input_ids=col.flatten().to_numpy(), tok_off=off - off[0])
     exact = True
@@ -73,7 +73,7 @@ def zstd_levels_study(cache: C.TeacherCache, vocab: int, levels: tuple, default_
     the rewritten shards must be the cache's bytes (sha256 against the unit manifests)."""
     shards, exact = [], True
     for u in cache.units:
-        for s in u.manifest["shards"]:
+        for s in u.shards:
             d, ok, rg = shard_from_file(u.path / s["file"], u, vocab)
             shards.append((rg, s, d))
             exact &= ok
@@ -108,7 +108,7 @@ def zstd_levels_study(cache: C.TeacherCache, vocab: int, levels: tuple, default_
     cache_level_rows = base["shards_identical_to_cache"]
     return {"shards": len(shards), "tokens": tokens, "units": len(cache.units), "default_level": default_level,
             "reencode_exact": bool(exact), "reproduces_cache_bytes": cache_level_rows == len(shards),
-            "cache_manifest_bytes_per_token": cache.manifest["totals"]["bytes_per_token"], "levels": rows}
+            "cache_manifest_bytes_per_token": cache.totals["bytes_per_token"], "levels": rows}
 
 
 # --------------------------------------------------------------------------- storage variants
