@@ -44,9 +44,8 @@ class EvalError(MolError, ValueError):
 Progress = Callable[[int], None]
 MakeBar = Callable[[int, str], Progress]
 
-EVAL_JSON = "eval.json"
-EVAL_MD = "eval.md"
-EVAL_SAMPLES = "eval-samples"  # lm-eval's per-sample logs: <run>/eval-samples/<model>/<task>.jsonl
+# the run folder's evaluation files (lm-eval's per-sample logs: <run>/eval-samples/<model>/<task>.jsonl)
+EVAL_JSON, EVAL_MD, EVAL_SAMPLES = RF.EVAL_JSON, RF.EVAL_MD, RF.EVAL_SAMPLES
 
 
 def _no_bar(total: int, desc: str) -> Progress:

@@ -31,7 +31,7 @@ from typing import Optional
 
 from .errors import StageFailed
 from .harness import paired_delta
-from .run_folder import CONFIG, SUMMARY, RunFolder, read_summary
+from .run_folder import CONFIG, EVAL_JSON, SUMMARY, RunFolder, read_summary
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def eval_runs(plan: Plan) -> dict[str, float]:
 
     def one(spec: RunSpec):
         run_dir = plan.out / spec.name
-        ev = run_dir / "eval.json"
+        ev = run_dir / EVAL_JSON
         if ev.is_file() and ev.stat().st_mtime >= (run_dir / SUMMARY).stat().st_mtime and _current(ev):
             return spec.name, None
         cmd = [sys.executable, "-m", "stages.eval", str(run_dir), "--base-json", str(base_json)]
@@ -156,7 +156,7 @@ def load_results(out: Path, runs: list[RunSpec]) -> dict:
     """{"base": metrics, "runs": {name: {"label", "trained", "summary"}}, "tasks": {...}, "subsets": {...}}."""
     res: dict = {"runs": {}}
     for spec in runs:
-        ev = json.loads((out / spec.name / "eval.json").read_text())
+        ev = json.loads((out / spec.name / EVAL_JSON).read_text())
         summary = read_summary(out / spec.name)
         res.setdefault("base", ev["base"])
         res.setdefault("tasks", ev["tasks"])
@@ -443,7 +443,7 @@ def _wall_seconds(out: Path, runs: list[RunSpec]) -> float:
     """From the first run's start (its config.yaml) to the last evaluation's end, from the files
     themselves: the same figure whether this call did the work or only regenerates the page."""
     starts = [(out / s.name / CONFIG).stat().st_mtime for s in runs]
-    ends = [(out / s.name / "eval.json").stat().st_mtime for s in runs]
+    ends = [(out / s.name / EVAL_JSON).stat().st_mtime for s in runs]
     return max(ends) - min(starts)
 
 

@@ -41,6 +41,8 @@ CHECKPOINTS = "checkpoints"
 ADAPTER, MODEL, MERGED = "adapter", "model", "merged"
 TENSORBOARD = "tb"
 LOCK = ".lock"
+# written by `make eval` (mol/evaluate.py): the results, the table, lm-eval's per-sample logs
+EVAL_JSON, EVAL_MD, EVAL_SAMPLES = "eval.json", "eval.md", "eval-samples"
 # what the command line lists when a run ends
 OUTPUTS = (ADAPTER, MODEL, MERGED, METRICS, SUMMARY, CONFIG, RECORD, TENSORBOARD)
 
