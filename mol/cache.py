@@ -773,6 +773,15 @@ class TeacherCache:
         return self.manifest["totals"]
 
     @property
+    def run(self) -> dict:
+        """How Stage 1 ran: device, dtype, seconds, forward tokens..."""
+        return self.manifest["run"]
+
+    def sequences_in(self, split: str) -> int:
+        """Sequences of one split ("train" or "val") over every corpus and subset."""
+        return sum(c["sequences"] for key, c in self.manifest["counts"].items() if key.endswith("/" + split))
+
+    @property
     def shard_count(self) -> int:
         return sum(u.shard_count for u in self.units)
 

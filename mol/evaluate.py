@@ -32,7 +32,8 @@ from .batching import subset_losses
 from .config import CORPORA, ConfigError, MolConfig, load_config
 from .errors import MissingInput, MolError
 from .lm_eval_tasks import default_eval_dir
-from .model import load_model, load_tokenizer, model_fingerprint, pick_device, tokenizer_fingerprint
+from .model import (load_model, load_tokenizer, model_fingerprint, pick_device, resolve_model_path,
+                    tokenizer_fingerprint)
 
 log = logging.getLogger(__name__)
 
@@ -209,17 +210,11 @@ def evaluate_run(run_dir: Path, *, mcq_items: int | None = None, eval_dir: Path 
 def _evaluate(run_dir: Path, cfg: MolConfig, summary: dict, kind: str, weights: Path, n_items: int | None,
               eval_dir: Path, tasks: H.TaskSet | None, make_bar: MakeBar, base_json: Path | None) -> dict:
     cache = C.TeacherCache(summary["cache_dir"])
-    if "model_path" in summary:
-        model_path = Path(summary["model_path"])
-    else:
-        from .model import resolve_model_path
-
-        model_path = resolve_model_path(cfg.model.name)
+    model_path = Path(summary["model_path"]) if "model_path" in summary else resolve_model_path(cfg.model.name)
     # KL-to-base is only meaningful against labels from this very base model
     cache.check_compatible(model_fp=model_fingerprint(model_path), tokenizer_fp=tokenizer_fingerprint(model_path),
                            k=cache.k)
-    has_val = any(key.endswith("/val") and v["sequences"] for key, v in cache.manifest.get("counts", {}).items())
-    val = cache.load("val") if has_val else None
+    val = cache.load("val") if cache.sequences_in("val") else None
     if val is None:
         log.warning("cache %s has no validation sequences: no perplexity, only the lm-eval tasks", cache.path)
 

@@ -419,7 +419,7 @@ def run_experiment(plan: Plan, make_bar=None) -> Path:
     dest = plan.page
     plots = make_plots(plan.out, plan.runs, res["subsets"], dest)
     claims = judge_claims(res, plan.out)
-    manifest = TeacherCache(cache_dir).manifest
+    cache = TeacherCache(cache_dir)
     first = next(iter(res["runs"].values()))["summary"]
     tokens = sum(r.get("tokens", 0) for r in _train_records(plan.out / plan.runs[0].name))
     meta = {
@@ -427,9 +427,9 @@ def run_experiment(plan: Plan, make_bar=None) -> Path:
         "config": str(plan.config), "out": str(plan.out), "jobs": plan.jobs,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": _machine(), "wall_seconds": _wall_seconds(plan.out, plan.runs),
-        "cache_seconds": manifest["run"].get("seconds") or 0.0, "this_call_seconds": time.time() - t0,
+        "cache_seconds": cache.run.get("seconds") or 0.0, "this_call_seconds": time.time() - t0,
         "trained_now": trained, "evaluated_now": evaluated,
-        "model": cfg.model.name, "cache": str(cache_dir), "cache_tokens": manifest["totals"]["tokens"],
+        "model": cfg.model.name, "cache": str(cache_dir), "cache_tokens": cache.totals["tokens"],
         "global_batch": cfg.train.global_batch, "max_seq_len": cfg.data.max_seq_len, "tokens_per_run": tokens,
         "lora_r": cfg.train.lora.r, "lr": cfg.train.lr, "warmup": cfg.train.warmup_ratio, "seed": cfg.train.seed,
         "mcq_items": res["eval"]["mcq_items"], "chat_template": res["eval"]["chat_template"],
