@@ -22,6 +22,10 @@ sharded workers split a source without reading what precedes their segments. Eac
 Parquet metadata carries where its input ended (`mol.resume`), so a resumed pass continues at
 the first missing shard without re-reading what finished shards cover.
 
+Both manifests are assembled here, from the facts the teacher pass gathers (`shard_entry`,
+`unit_manifest`, `set_manifest`: pure functions, the manifest's shape in one place), and checked here
+when read (`unit_manifest_problems`, `set_manifest_problems`).
+
 Columns (the same names are the batch keys in Stage 2 and the loss function's arguments):
 
     seq_id              int64   segment * 2^32 + row index within the segment (the row index when
@@ -501,6 +505,136 @@ def set_manifest_problems(m) -> list[str]:
         elif Path(u["dir"]).parts[:1] != (UNITS_DIR,) or len(Path(u["dir"]).parts) != 2:
             out.append(f"units[{i}]: dir {u['dir']!r} is not units/<name>")
     return out
+
+
+def shard_entry(*, file: str, segment: int, part: int, rows: int, tokens: int, bytes: int, sha256: str,
+                rows_per_group: int, val_rows) -> dict:
+    """One shard's record in its unit manifest's `shards` list: its file name (shard_name(segment,
+    part)), rows, tokens, size and sha256 (what verify checks), rows per Parquet row group, and where
+    the val rows are (Stage 2's reader builds its index from these records alone)."""
+    return {"file": file, "segment": segment, "part": part, "rows": rows, "tokens": tokens, "bytes": bytes,
+            "sha256": sha256, "rows_per_group": rows_per_group, "val_rows": val_rows}
+
+
+def unit_manifest(*, fingerprint: str, key: dict, model_name: str, vocab_size: int, eos_token_id: int | None,
+                  pad_token_id: int | None, source: dict, segments: int, counts: dict, shards: list[dict],
+                  residual: dict, residual_sample: list[float], device: str, dtype: str | None, host: str,
+                  torch_version: str, worker_stats: list[dict], fidelity: dict | None = None) -> dict:
+    """A unit's manifest.json, assembled from what the teacher pass gathered (pure: reads nothing).
+
+    key, fingerprint: the unit's `unit_key` and its hash. source: the source report (a dict).
+    segments: how many segments the source was cut into. counts: {"train"|"val": {"sequences",
+    "tokens"}} summed over the shards. shards: their `shard_entry` records, in order. residual: the
+    shards' residual records (`teacher.residual_stats`) summed: {"sum", "n", "below_floor",
+    "fp16_zero", "fp16_subnormal"}, n = 0 for an unlabelled unit (its `residual` section is then
+    empty); residual_sample: the shards' samples concatenated. worker_stats: one record per worker
+    process that labelled the unit ({"forward_tokens", "forward_seconds", "seconds"}).
+    fidelity: `teacher.measure_fidelity`'s record, when measured (it reads the unit through this
+    manifest, so it is measured on the manifest without it, which is then built again with it).
+    Totals, the residual statistics and the run section are derived here."""
+    total_tokens = counts["train"]["tokens"] + counts["val"]["tokens"]
+    total_bytes = sum(m["bytes"] for m in shards)
+    rs = np.array(residual_sample if residual_sample else [0.0])
+    fwd_tokens = sum(s.get("forward_tokens", 0) for s in worker_stats)
+    fwd_seconds = sum(s.get("forward_seconds", 0.0) for s in worker_stats)
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "unit",
+        "fingerprint": fingerprint,
+        "key": key,
+        "model": {"name": model_name, "vocab_size": vocab_size},
+        "tokenizer": {"eos_token_id": eos_token_id, "pad_token_id": pad_token_id},
+        "source": source,
+        "segments": segments,
+        "counts": counts,
+        "totals": {"sequences": sum(m["rows"] for m in shards), "tokens": total_tokens, "bytes": total_bytes,
+                   "bytes_per_token": total_bytes / max(total_tokens, 1)},
+        "residual": ({"mean": residual["sum"] / max(residual["n"], 1), "median": float(np.median(rs)),
+                      "p90": float(np.quantile(rs, 0.9)), "p99": float(np.quantile(rs, 0.99)),
+                      "max_sampled": float(rs.max()), "positions": residual["n"],
+                      "below_1e-30": residual["below_floor"], "fp16_would_be_zero": residual["fp16_zero"],
+                      "fp16_would_be_subnormal": residual["fp16_subnormal"],
+                      "sample": [float(v) for v in rs[np.linspace(0, len(rs) - 1, min(256, len(rs))).astype(int)]]}
+                     if residual["n"] else {}),
+        "shards": shards,
+        "run": {"device": device, "dtype": dtype, "host": host, "torch": torch_version,
+                "workers": len(worker_stats) or 1,
+                # per worker process: the figure one process reaches, comparable across worker counts
+                "teacher_tokens_per_s": fwd_tokens / fwd_seconds if fwd_seconds else None,
+                "forward_tokens": fwd_tokens, "forward_seconds": fwd_seconds,
+                "seconds": sum(s.get("seconds", 0.0) for s in worker_stats)},
+    }
+    if fidelity is not None:
+        manifest["fidelity"] = fidelity
+    return manifest
+
+
+def _weighted(units: list[dict], section: str, field: str, weight: str) -> float | None:
+    """The mean of units' section[field] weighted by section[weight] (None when no unit has it)."""
+    pairs = [(u[section][field], u[section][weight]) for u in units if u.get(section) and field in u[section]]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else None
+
+
+def set_manifest(*, fingerprint: str, key: dict, model_name: str, model_path: str, units: list[dict],
+                 unit_names: list[str], this_pass: list[dict], device: str, this_pass_seconds: float) -> dict:
+    """A set's manifest.json from its units' manifests, in config order (pure: reads nothing).
+
+    key, fingerprint: the set's `set_key` and its hash. units: the unit manifests; unit_names: their
+    folder names under units/; this_pass: what this pass did to each ({"status", "labelled_tokens"}).
+    Counts are keyed corpus/subset/split; totals are summed; the residual and fidelity means are
+    weighted by each unit's positions (its quantiles come from the units' samples pooled)."""
+    if not len(units) == len(unit_names) == len(this_pass):
+        raise ValueError(f"{len(units)} unit manifests, {len(unit_names)} names, {len(this_pass)} this_pass records")
+    counts, totals = {}, {"sequences": 0, "tokens": 0, "bytes": 0}
+    for m in units:
+        src = m["key"]["source"]
+        for sp, c in m["counts"].items():
+            counts[f"{src['corpus']}/{src['subset']}/{sp}"] = dict(c)
+        for f in totals:
+            totals[f] += m["totals"][f]
+    totals["bytes_per_token"] = totals["bytes"] / max(totals["tokens"], 1)
+    labelled = [m for m in units if m["residual"]]
+    sample = np.array([v for m in labelled for v in m["residual"]["sample"]] or [0.0])
+    residual = {"mean": _weighted(labelled, "residual", "mean", "positions") or 0.0,
+                "median": float(np.median(sample)), "p90": float(np.quantile(sample, 0.9)),
+                "p99": float(np.quantile(sample, 0.99)), "max_sampled": float(sample.max()),
+                "positions": sum(m["residual"]["positions"] for m in labelled)}
+    for f in ("below_1e-30", "fp16_would_be_zero", "fp16_would_be_subnormal"):
+        residual[f] = sum(m["residual"][f] for m in labelled)
+    measured = [m for m in units if m.get("fidelity")]
+    fidelity = {}
+    if measured:
+        fidelity = {"probe": measured[0]["fidelity"]["probe"],
+                    "sequences": sum(m["fidelity"]["sequences"] for m in measured),
+                    "positions": sum(m["fidelity"]["positions"] for m in measured),
+                    "kl_quantisation_max_abs": max(m["fidelity"]["kl_quantisation_max_abs"] for m in measured)}
+        for f in ("topk_ids_exact_match", "kl_quantisation_mean_abs", "kl_truncation_mean_abs", "kl_dense_mean"):
+            fidelity[f] = _weighted(measured, "fidelity", f, "positions")
+    fwd_tokens = sum(m["run"]["forward_tokens"] for m in units)
+    fwd_seconds = sum(m["run"]["forward_seconds"] for m in units)
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "set",
+        "fingerprint": fingerprint,
+        "key": key,
+        "model": {"name": model_name, "path": model_path, "vocab_size": max(m["model"]["vocab_size"] for m in units)},
+        "tokenizer": units[0]["tokenizer"],
+        "units": [{"dir": f"{UNITS_DIR}/{name}", "fingerprint": m["fingerprint"], "corpus": m["key"]["source"]["corpus"],
+                   "subset": m["key"]["source"]["subset"], "sequences": m["totals"]["sequences"],
+                   "tokens": m["totals"]["tokens"], "bytes": m["totals"]["bytes"], "this_pass": tp}
+                  for name, m, tp in zip(unit_names, units, this_pass)],
+        "counts": counts,
+        "totals": totals,
+        "residual": residual,
+        "run": {"device": device, "workers": max(m["run"]["workers"] for m in units),
+                "teacher_tokens_per_s": fwd_tokens / fwd_seconds if fwd_seconds else None,
+                "forward_tokens": fwd_tokens, "seconds": sum(m["run"]["seconds"] for m in units),
+                "this_pass_seconds": this_pass_seconds},
+    }
+    if fidelity:
+        manifest["fidelity"] = fidelity
+    return manifest
 
 
 # --------------------------------------------------------------------------- reading

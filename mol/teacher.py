@@ -479,7 +479,7 @@ def run_teacher_pass(cfg: MolConfig, make_bar: Optional[MakeBar] = None) -> tupl
             log.info("worker %d of %d done; when every worker is, run the finalize step "
                      "(python -m stages.teacher_cache CONFIG teacher.num_workers=%d --finalize)", me, n_workers, n_workers)
             return rk.cache_dir, "worker-done"
-        _write_set(cfg, rk, outcome, labeller, device, t0)
+        _write_set(cfg, rk, outcome, device, t0)
     statuses = {o["status"] for o in outcome.values()}
     status = "resumed" if "resumed" in statuses else "built" if "built" in statuses else "reused"
     return rk.cache_dir, status
@@ -528,122 +528,49 @@ def _finalize_unit(cfg: MolConfig, u: C.ResolvedUnit, tokenizer, labeller: "_Lab
         if rec["end"]:
             seg_report = SourceReport(**rec["state"]["report"])
             report = seg_report if report is None else report.merge(seg_report)
-        meta.append({"file": path.name, "segment": seg, "part": part, "rows": rec["rows"],
-                     "tokens": sum(c[1] for c in rec["counts"].values()), "bytes": path.stat().st_size,
-                     "sha256": C.sha256_path(path), "rows_per_group": C.row_group_rows(cfg),
-                     # where each split's rows are: Stage 2's reader builds its index from these alone
-                     "val_rows": rec["val_rows"]})
+        meta.append(C.shard_entry(file=path.name, segment=seg, part=part, rows=rec["rows"],
+                                  tokens=sum(c[1] for c in rec["counts"].values()), bytes=path.stat().st_size,
+                                  sha256=C.sha256_path(path), rows_per_group=C.row_group_rows(cfg),
+                                  val_rows=rec["val_rows"]))
     report.sha256 = u.key["source"]["sha256"]
     check_report(report, u.source)
-    total_tokens = counts["train"]["tokens"] + counts["val"]["tokens"]
-    total_bytes = sum(m["bytes"] for m in meta)
     probe = (labeller.probe_model(any_backend=finalizing)
              if cfg.teacher.fidelity_sequences and u.labelled and counts["train"]["sequences"] else None)
-    rs = np.array(sample if sample else [0.0])
-    fwd_tokens = sum(s.get("forward_tokens", 0) for s in stats)
-    fwd_seconds = sum(s.get("forward_seconds", 0.0) for s in stats)
-    manifest = {
-        "schema_version": C.SCHEMA_VERSION,
-        "kind": "unit",
-        "fingerprint": u.fingerprint,
-        "key": u.key,
-        "model": {"name": cfg.model.name, "vocab_size": labeller.vocab},
-        "tokenizer": {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
-        "source": dataclasses.asdict(report),
-        "segments": len(segments),
-        "counts": counts,
-        "totals": {"sequences": sum(m["rows"] for m in meta), "tokens": total_tokens, "bytes": total_bytes,
-                   "bytes_per_token": total_bytes / max(total_tokens, 1)},
-        "residual": ({"mean": resid["sum"] / max(resid["n"], 1), "median": float(np.median(rs)),
-                      "p90": float(np.quantile(rs, 0.9)), "p99": float(np.quantile(rs, 0.99)),
-                      "max_sampled": float(rs.max()), "positions": resid["n"], "below_1e-30": resid["below_floor"],
-                      "fp16_would_be_zero": resid["fp16_zero"], "fp16_would_be_subnormal": resid["fp16_subnormal"],
-                      "sample": [float(v) for v in rs[np.linspace(0, len(rs) - 1, min(256, len(rs))).astype(int)]]}
-                     if resid["n"] else {}),
-        "shards": meta,
-        "run": {"device": str(device), "dtype": str(next(labeller.model.parameters()).dtype) if labeller.model is not None else None,
-                "host": platform.node(), "torch": torch.__version__, "workers": len(stats) or 1,
-                # per worker process: the figure one process reaches, comparable across worker counts
-                "teacher_tokens_per_s": fwd_tokens / fwd_seconds if fwd_seconds else None,
-                "forward_tokens": fwd_tokens, "forward_seconds": fwd_seconds,
-                "seconds": sum(s.get("seconds", 0.0) for s in stats)},
-    }
+    facts = dict(fingerprint=u.fingerprint, key=u.key, model_name=cfg.model.name, vocab_size=labeller.vocab,
+                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                 source=dataclasses.asdict(report), segments=len(segments), counts=counts, shards=meta,
+                 residual=resid, residual_sample=sample, device=str(device),
+                 dtype=str(next(labeller.model.parameters()).dtype) if labeller.model is not None else None,
+                 host=platform.node(), torch_version=torch.__version__, worker_stats=stats)
+    manifest = C.unit_manifest(**facts)
     # fidelity reads the shards; the manifest is written only after it, so "manifest exists" == complete
     if cfg.teacher.fidelity_sequences and u.labelled and counts["train"]["sequences"]:
         if probe is None:
             log.info("fidelity not measured: the %s backend holds no transformers model (the finalize step of a "
                      "sharded pass measures it with one)", cfg.teacher.backend)
         else:
-            manifest["fidelity"] = measure_fidelity(probe, C.CacheUnit.from_manifest(u.dir, manifest),
-                                                    cfg.teacher.fidelity_sequences, cfg.teacher.chunk_positions, device)
+            fidelity = measure_fidelity(probe, C.CacheUnit.from_manifest(u.dir, manifest),
+                                        cfg.teacher.fidelity_sequences, cfg.teacher.chunk_positions, device)
+            manifest = C.unit_manifest(**facts, fidelity=fidelity)
     C.write_card(u.dir, manifest)
     C.write_manifest(u.dir, manifest)
     for p in u.dir.glob("worker-*.json"):
         p.unlink(missing_ok=True)
     log.info("unit %s complete: %d sequences, %d tokens, %.1f bytes/token", u.name,
-             manifest["totals"]["sequences"], total_tokens, manifest["totals"]["bytes_per_token"])
+             manifest["totals"]["sequences"], manifest["totals"]["tokens"], manifest["totals"]["bytes_per_token"])
 
 
-def _weighted(units: list[dict], section: str, field: str, weight: str) -> float | None:
-    pairs = [(u[section][field], u[section][weight]) for u in units if u.get(section) and field in u[section]]
-    total = sum(w for _, w in pairs)
-    return sum(v * w for v, w in pairs) / total if total else None
-
-
-def _write_set(cfg: MolConfig, rk: C.ResolvedKey, outcome: dict, labeller: "_Labeller", device, t0: float) -> None:
+def _write_set(cfg: MolConfig, rk: C.ResolvedKey, outcome: dict, device, t0: float) -> None:
     """Every unit is complete: write the set manifest that names them (last)."""
     units = [C.CacheUnit(u.dir, u.fingerprint).manifest for u in rk.units]
-    counts, totals = {}, {"sequences": 0, "tokens": 0, "bytes": 0}
-    for u, m in zip(rk.units, units):
-        for sp, c in m["counts"].items():
-            counts[f"{u.source.corpus}/{u.source.subset}/{sp}"] = dict(c)
-        for f in totals:
-            totals[f] += m["totals"][f]
     if not any(m["counts"]["train"]["sequences"] for m in units):
         raise CorpusError("the corpora gave no training sequences")
-    totals["bytes_per_token"] = totals["bytes"] / max(totals["tokens"], 1)
-    labelled = [m for m in units if m["residual"]]
-    sample = np.array([v for m in labelled for v in m["residual"]["sample"]] or [0.0])
-    residual = {"mean": _weighted(labelled, "residual", "mean", "positions") or 0.0,
-                "median": float(np.median(sample)), "p90": float(np.quantile(sample, 0.9)),
-                "p99": float(np.quantile(sample, 0.99)), "max_sampled": float(sample.max()),
-                "positions": sum(m["residual"]["positions"] for m in labelled)}
-    for f in ("below_1e-30", "fp16_would_be_zero", "fp16_would_be_subnormal"):
-        residual[f] = sum(m["residual"][f] for m in labelled)
-    measured = [m for m in units if m.get("fidelity")]
-    fidelity = {}
-    if measured:
-        fidelity = {"probe": measured[0]["fidelity"]["probe"],
-                    "sequences": sum(m["fidelity"]["sequences"] for m in measured),
-                    "positions": sum(m["fidelity"]["positions"] for m in measured),
-                    "kl_quantisation_max_abs": max(m["fidelity"]["kl_quantisation_max_abs"] for m in measured)}
-        for f in ("topk_ids_exact_match", "kl_quantisation_mean_abs", "kl_truncation_mean_abs", "kl_dense_mean"):
-            fidelity[f] = _weighted(measured, "fidelity", f, "positions")
-    fwd_tokens = sum(m["run"]["forward_tokens"] for m in units)
-    fwd_seconds = sum(m["run"]["forward_seconds"] for m in units)
-    manifest = {
-        "schema_version": C.SCHEMA_VERSION,
-        "kind": "set",
-        "fingerprint": rk.fingerprint,
-        "key": rk.key,
-        "model": {"name": cfg.model.name, "path": str(rk.model_path),
-                  "vocab_size": max(m["model"]["vocab_size"] for m in units)},
-        "tokenizer": units[0]["tokenizer"],
-        "units": [{"dir": f"{C.UNITS_DIR}/{u.name}", "fingerprint": u.fingerprint, "corpus": u.source.corpus,
-                   "subset": u.source.subset, "sequences": m["totals"]["sequences"], "tokens": m["totals"]["tokens"],
-                   "bytes": m["totals"]["bytes"], "this_pass": outcome[i]}
-                  for i, (u, m) in enumerate(zip(rk.units, units))],
-        "counts": counts,
-        "totals": totals,
-        "residual": residual,
-        "run": {"device": str(device), "workers": max(m["run"]["workers"] for m in units),
-                "teacher_tokens_per_s": fwd_tokens / fwd_seconds if fwd_seconds else None,
-                "forward_tokens": fwd_tokens, "seconds": sum(m["run"]["seconds"] for m in units),
-                "this_pass_seconds": time.time() - t0},
-    }
-    if fidelity:
-        manifest["fidelity"] = fidelity
+    manifest = C.set_manifest(fingerprint=rk.fingerprint, key=rk.key, model_name=cfg.model.name,
+                              model_path=str(rk.model_path), units=units, unit_names=[u.name for u in rk.units],
+                              this_pass=[outcome[i] for i in range(len(rk.units))], device=str(device),
+                              this_pass_seconds=time.time() - t0)
     C.write_manifest(rk.cache_dir, manifest)
+    totals = manifest["totals"]
     log.info("cache %s complete: %d units, %d sequences, %d tokens, %.1f bytes/token", rk.cache_dir, len(units),
              totals["sequences"], totals["tokens"], totals["bytes_per_token"])
 
@@ -684,5 +611,5 @@ def finalize_cache(cfg: MolConfig) -> tuple[Path, str]:
                 outcome[i]["labelled_tokens"] = sum(s["forward_tokens"] for s in stats)
                 segs, first = _unit_items(plan, i)
                 _finalize_unit(cfg, u, tokenizer, labeller, device, stats, segs, n_workers, first, finalizing=True)
-        _write_set(cfg, rk, outcome, labeller, device, t0)
+        _write_set(cfg, rk, outcome, device, t0)
     return rk.cache_dir, "finalized"

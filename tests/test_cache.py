@@ -83,3 +83,55 @@ def test_mismatched_cache_is_refused(built):
         cache.check_compatible(model_fp=key["model_fingerprint"], tokenizer_fp=key["tokenizer_fingerprint"], k=31)
     with pytest.raises(C.CacheError, match="model fingerprint"):
         cache.check_compatible(model_fp="0" * 64, tokenizer_fp=key["tokenizer_fingerprint"], k=key["top_k"])
+
+
+def _unit(corpus: str, subset: str, counts: dict, shard_bytes: list[int], resid_sum: float, positions: int,
+          fidelity: dict | None = None) -> dict:
+    """A unit manifest assembled by the cache module from made-up facts (no teacher pass)."""
+    key = {"model_fingerprint": "m" * 64, "tokenizer_fingerprint": "t" * 64, "top_k": 4, "labelled": True,
+           "source": {"corpus": corpus, "subset": subset}}
+    per_shard = (counts["train"]["tokens"] + counts["val"]["tokens"]) // len(shard_bytes)
+    shards = [C.shard_entry(file=C.shard_name(0, p), segment=0, part=p, rows=2, tokens=per_shard, bytes=b,
+                            sha256="0" * 64, rows_per_group=2, val_rows=[]) for p, b in enumerate(shard_bytes)]
+    return C.unit_manifest(
+        fingerprint=f"{corpus}-{subset}".ljust(64, "0"), key=key, model_name="tiny", vocab_size=100,
+        eos_token_id=0, pad_token_id=0, source={}, segments=1, counts=counts, shards=shards,
+        residual={"sum": resid_sum, "n": positions, "below_floor": 1, "fp16_zero": 2, "fp16_subnormal": 3},
+        residual_sample=[resid_sum / positions] * 3, device="cpu", dtype="torch.float32", host="h",
+        torch_version="x", worker_stats=[{"forward_tokens": 10, "forward_seconds": 2.0, "seconds": 3.0}],
+        fidelity=fidelity)
+
+
+def test_set_manifest_aggregates_unit_manifests():
+    fid = lambda n, kl: {"probe": "p", "sequences": 1, "positions": n, "kl_quantisation_max_abs": kl,  # noqa: E731
+                         "topk_ids_exact_match": 1.0, "kl_quantisation_mean_abs": kl, "kl_truncation_mean_abs": kl,
+                         "kl_dense_mean": kl}
+    a = _unit("domain", "med", {"train": {"sequences": 4, "tokens": 100}, "val": {"sequences": 1, "tokens": 20}},
+              [500, 700], resid_sum=1.0, positions=10, fidelity=fid(10, 0.1))
+    b = _unit("general", "web", {"train": {"sequences": 6, "tokens": 250}, "val": {"sequences": 2, "tokens": 30}},
+              [1300], resid_sum=6.0, positions=30, fidelity=fid(30, 0.3))
+    assert C.unit_manifest_problems(a) == [] and C.unit_manifest_problems(b) == []
+    assert a["totals"] == {"sequences": 4, "tokens": 120, "bytes": 1200, "bytes_per_token": 10.0}
+    assert a["residual"]["mean"] == pytest.approx(0.1) and a["residual"]["positions"] == 10
+    this_pass = [{"status": "built", "labelled_tokens": 120}, {"status": "reused", "labelled_tokens": 0}]
+    m = C.set_manifest(fingerprint="s" * 64, key={"model_fingerprint": "m" * 64, "tokenizer_fingerprint": "t" * 64,
+                                                  "top_k": 4, "label_domain": True},
+                       model_name="tiny", model_path="/models/tiny", units=[a, b], unit_names=["ua", "ub"],
+                       this_pass=this_pass, device="cpu", this_pass_seconds=1.5)
+    assert C.set_manifest_problems(m) == []
+    assert m["kind"] == "set" and m["schema_version"] == C.SCHEMA_VERSION
+    assert m["counts"] == {"domain/med/train": {"sequences": 4, "tokens": 100}, "domain/med/val": {"sequences": 1, "tokens": 20},
+                           "general/web/train": {"sequences": 6, "tokens": 250}, "general/web/val": {"sequences": 2, "tokens": 30}}
+    assert m["totals"] == {"sequences": 6, "tokens": 400, "bytes": 2500, "bytes_per_token": 6.25}
+    assert [u["dir"] for u in m["units"]] == ["units/ua", "units/ub"]
+    assert [(u["corpus"], u["subset"], u["this_pass"]["status"]) for u in m["units"]] == [
+        ("domain", "med", "built"), ("general", "web", "reused")]
+    # means weighted by positions: (0.1 * 10 + 0.2 * 30) / 40, not the units' plain mean 0.15
+    assert m["residual"]["mean"] == pytest.approx(0.175)
+    assert m["residual"]["positions"] == 40 and m["residual"]["fp16_would_be_zero"] == 4
+    assert m["fidelity"]["kl_dense_mean"] == pytest.approx(0.25) and m["fidelity"]["positions"] == 40
+    assert m["fidelity"]["kl_quantisation_max_abs"] == 0.3
+    assert m["run"]["forward_tokens"] == 20 and m["run"]["teacher_tokens_per_s"] == pytest.approx(5.0)
+    with pytest.raises(ValueError):
+        C.set_manifest(fingerprint="s" * 64, key=m["key"], model_name="tiny", model_path="/m", units=[a, b],
+                       unit_names=["ua"], this_pass=this_pass, device="cpu", this_pass_seconds=0.0)
