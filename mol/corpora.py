@@ -24,6 +24,7 @@ import numpy as np
 
 from .config import DataConfig, SourceConfig, expand_path
 from .errors import MolError
+from .model import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,6 @@ def detect_format(path: Path, fmt: str) -> str:
 
 def source_fingerprint(path: Path) -> str:
     """sha256 of the source's bytes (every file of a folder, in sorted order)."""
-    from .model import sha256_file
-
     if path.is_dir():
         h = hashlib.sha256()
         for f in sorted(p for p in path.rglob("*") if p.is_file()):

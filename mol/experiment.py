@@ -29,9 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .cache import TeacherCache
+from .config import load_config
 from .errors import StageFailed
 from .harness import paired_delta
+from .machine import machine_info
 from .run_folder import CONFIG, EVAL_JSON, SUMMARY, RunFolder, read_summary
+from .teacher import run_teacher_pass
 
 log = logging.getLogger(__name__)
 
@@ -404,10 +408,6 @@ LR_NOTE = ("The paper trains an 8B model for thousands of steps at lr 1e-4. A CP
 
 def run_experiment(plan: Plan, make_bar=None) -> Path:
     """Cache, train, evaluate, plot, write docs/experiment/. Returns the page's path."""
-    from .cache import TeacherCache
-    from .config import load_config
-    from .teacher import run_teacher_pass
-
     t0 = time.time()
     plan.out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(plan.config, plan.overrides)
@@ -454,8 +454,6 @@ def _train_records(run_dir: Path) -> list[dict]:
 
 
 def _machine() -> str:
-    from .machine import machine_info
-
     m = machine_info()
     gpu = ""
     import torch

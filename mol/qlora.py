@@ -28,8 +28,11 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from .batching import subset_losses
+from .cache import TeacherCache
 from .errors import StageFailed
-from .run_folder import RunFolder, read_metrics, read_summary
+from .model import load_model
+from .run_folder import RunFolder, read_config, read_metrics, read_summary
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +80,6 @@ def on_full_precision_base(run_dir: Path) -> dict:
     """The run's adapter on the unquantized base, on the run's own validation sequences."""
     import torch
     from peft import PeftModel
-
-    from .batching import subset_losses
-    from .cache import TeacherCache
-    from .model import load_model
-    from .run_folder import read_config
 
     cfg, summary = read_config(run_dir), read_summary(run_dir)
     cache = TeacherCache(summary["cache_dir"])

@@ -15,6 +15,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mol.default_data import default_data_dir
 from mol.errors import MissingInput, MolError
 
 TASKS_DIR = Path(__file__).resolve().parent
@@ -40,8 +41,6 @@ class McqItem:
 
 def default_eval_dir() -> Path:
     """The default data's eval/ folder (written by `make data`)."""
-    from mol.default_data import default_data_dir
-
     return default_data_dir() / "eval"
 
 
