@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -31,6 +30,7 @@ from . import run_folder as RF
 from .batching import subset_losses
 from .config import CORPORA, ConfigError, MolConfig, load_config
 from .errors import MissingInput, MolError
+from .files import write_atomic
 from .lm_eval_tasks import default_eval_dir
 from .model import (load_model, load_tokenizer, model_fingerprint, pick_device, resolve_model_path,
                     tokenizer_fingerprint)
@@ -240,10 +240,9 @@ def _evaluate(run_dir: Path, cfg: MolConfig, summary: dict, kind: str, weights: 
     if base is None:
         base = _evaluate_model(model, tokenizer, "base", val, cache.k, tasks, cfg, device, make_bar, samples_dir)
         if base_json is not None:
-            tmp = Path(base_json).with_suffix(".tmp")
-            tmp.write_text(json.dumps({"key": base_key, "base": base, "samples": str(samples_dir / "base")},
-                                      indent=2) + "\n")
-            os.replace(tmp, base_json)
+            # two runs' evaluations may finish the base together: each writes whole, under its own temp name
+            write_atomic(Path(base_json), (json.dumps({"key": base_key, "base": base,
+                                                       "samples": str(samples_dir / "base")}, indent=2) + "\n").encode())
     if kind == "lora":
         from peft import PeftModel
 
@@ -280,8 +279,8 @@ def _evaluate(run_dir: Path, cfg: MolConfig, summary: dict, kind: str, weights: 
         "base_from": base_from,
         "samples": str(samples_dir),
     }
-    (run_dir / EVAL_JSON).write_text(json.dumps(result, indent=2) + "\n")
-    (run_dir / EVAL_MD).write_text(format_markdown(result))
+    write_atomic(run_dir / EVAL_JSON, (json.dumps(result, indent=2) + "\n").encode())
+    write_atomic(run_dir / EVAL_MD, format_markdown(result).encode())
     return result
 
 
