@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .files import sha256_path
+from .files import sha256_path, write_atomic
 from .config import ModelConfig, mol_home
 from .errors import MolError
 
@@ -48,9 +48,7 @@ def sha256_file(path: Path) -> str:
     if st.st_size > (64 << 20):  # only worth remembering for big files
         memo[key] = digest
         memo_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, memo_path)
+        write_atomic(memo_path, json.dumps(memo).encode())
     return digest
 
 
