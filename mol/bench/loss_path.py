@@ -44,15 +44,15 @@ def loss_path_work(inp: dict, variant: str, mode: str = "mol", chunk: int = 1024
     """One forward + backward of the loss from hidden states (gradient to the hidden states only,
     as with a frozen output layer under LoRA). variant: "chunked" (the trainer's) | "naive"."""
     w_ce, w_kl = mol_weights(inp["is_domain"], 0.01, mode)
-    teacher = (inp[C.TOPK_IDS], inp[C.TOPK_PROBS], inp[C.RESIDUAL])
+    # the cache's column names are the loss's argument names: passed by keyword, they must agree
+    batch = {key: inp[key] for key in ("target_ids", "mask", C.TOPK_IDS, C.TOPK_PROBS, C.RESIDUAL)}
 
     def run():
         h = inp["hidden"].detach().requires_grad_(True)
         if variant == "chunked":
-            out = chunked_mol_loss(h, inp["weight"], inp["target_ids"], inp["mask"], *teacher, w_ce, w_kl,
-                                   chunk_size=chunk)
+            out = chunked_mol_loss(h, inp["weight"], **batch, w_ce=w_ce, w_kl=w_kl, chunk_size=chunk)
         elif variant == "naive":
-            out = dense_reference_loss(h @ inp["weight"].t(), inp["target_ids"], inp["mask"], *teacher, w_ce, w_kl)
+            out = dense_reference_loss(h @ inp["weight"].t(), **batch, w_ce=w_ce, w_kl=w_kl)
         else:
             raise ValueError(variant)
         out.loss_sum.backward()
