@@ -25,6 +25,7 @@ import yaml
 from .cache import TeacherCache, resolve_cache_key
 from .config import load_config
 from .errors import StageFailed
+from .run_folder import METRICS, read_metrics
 from .synthetic import WORDS, write_corpus
 
 log = logging.getLogger(__name__)
@@ -124,8 +125,8 @@ def run_scale(work: Path, sizes: dict[str, int] | None = None, progress=print) -
         run_dir = work / "runs" / name
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        s2 = _run_stage("stages.train", [str(cfg)], work / f"{name}-stage2.log", run_dir / "metrics.jsonl")
-        metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        s2 = _run_stage("stages.train", [str(cfg)], work / f"{name}-stage2.log", run_dir / METRICS)
+        metrics = read_metrics(run_dir)
         train_lines = [m for m in metrics if m["type"] == "train"]
         t = totals
         rows.append({
