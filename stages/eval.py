@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from mol.evaluate import EVAL_JSON, EVAL_MD, evaluate_run, format_table, read_run, trained_weights
+from mol.evaluate import EVAL_JSON, EVAL_MD, evaluate_run, format_table
 from stages._cli import entry_point, token_bar
 
 
@@ -40,9 +40,6 @@ def main(argv=None) -> int:
     overrides = list(args.overrides)
     if args.tasks is not None:
         overrides.append("eval.tasks=" + json.dumps([t.strip() for t in args.tasks.split(",") if t.strip()]))
-    # checked here too so a wrong path or setting fails before any model or cache is touched
-    _, summary = read_run(args.run_dir, overrides)
-    trained_weights(args.run_dir, summary)
     result = evaluate_run(args.run_dir, mcq_items=args.mcq_items, eval_dir=args.eval_dir, make_bar=token_bar,
                           base_json=args.base_json, overrides=overrides)
     print()
