@@ -516,6 +516,12 @@ def shard_entry(*, file: str, segment: int, part: int, rows: int, tokens: int, b
             "sha256": sha256, "rows_per_group": rows_per_group, "val_rows": val_rows}
 
 
+def _sample_quantiles(sample: np.ndarray) -> dict:
+    """median, p90, p99 and max of a residual sample (a unit's, or its set's units' pooled)."""
+    return {"median": float(np.median(sample)), "p90": float(np.quantile(sample, 0.9)),
+            "p99": float(np.quantile(sample, 0.99)), "max_sampled": float(sample.max())}
+
+
 def unit_manifest(*, fingerprint: str, key: dict, model_name: str, vocab_size: int, eos_token_id: int | None,
                   pad_token_id: int | None, source: dict, segments: int, counts: dict, shards: list[dict],
                   residual: dict, residual_sample: list[float], device: str, dtype: str | None, host: str,
@@ -549,9 +555,8 @@ def unit_manifest(*, fingerprint: str, key: dict, model_name: str, vocab_size: i
         "counts": counts,
         "totals": {"sequences": sum(m["rows"] for m in shards), "tokens": total_tokens, "bytes": total_bytes,
                    "bytes_per_token": total_bytes / max(total_tokens, 1)},
-        "residual": ({"mean": residual["sum"] / max(residual["n"], 1), "median": float(np.median(rs)),
-                      "p90": float(np.quantile(rs, 0.9)), "p99": float(np.quantile(rs, 0.99)),
-                      "max_sampled": float(rs.max()), "positions": residual["n"],
+        "residual": ({"mean": residual["sum"] / max(residual["n"], 1), **_sample_quantiles(rs),
+                      "positions": residual["n"],
                       "below_1e-30": residual["below_floor"], "fp16_would_be_zero": residual["fp16_zero"],
                       "fp16_would_be_subnormal": residual["fp16_subnormal"],
                       "sample": [float(v) for v in rs[np.linspace(0, len(rs) - 1, min(256, len(rs))).astype(int)]]}
@@ -596,9 +601,7 @@ def set_manifest(*, fingerprint: str, key: dict, model_name: str, model_path: st
     totals["bytes_per_token"] = totals["bytes"] / max(totals["tokens"], 1)
     labelled = [m for m in units if m["residual"]]
     sample = np.array([v for m in labelled for v in m["residual"]["sample"]] or [0.0])
-    residual = {"mean": _weighted(labelled, "residual", "mean", "positions") or 0.0,
-                "median": float(np.median(sample)), "p90": float(np.quantile(sample, 0.9)),
-                "p99": float(np.quantile(sample, 0.99)), "max_sampled": float(sample.max()),
+    residual = {"mean": _weighted(labelled, "residual", "mean", "positions") or 0.0, **_sample_quantiles(sample),
                 "positions": sum(m["residual"]["positions"] for m in labelled)}
     for f in ("below_1e-30", "fp16_would_be_zero", "fp16_would_be_subnormal"):
         residual[f] = sum(m["residual"][f] for m in labelled)
