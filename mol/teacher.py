@@ -22,7 +22,7 @@ from . import cache as C
 from .config import ConfigError, MolConfig, dump_config
 from .corpora import CorpusError, Segment, SegmentPacker, SourceReport, check_report, source_caps, source_segments
 from .files import try_lock
-from .model import load_model, load_tokenizer, pick_device
+from .model import load_model, load_tokenizer, pick_device, pick_dtype
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,8 @@ def measure_fidelity(model, unit: C.CacheUnit, n_sequences: int, chunk: int, dev
             t_logp = torch.log_softmax(t_logits, -1)
             probs_x = t_logp.gather(-1, ids).exp()
             resid_x = (1 - probs_x.sum(-1)).clamp_min(0)
-            exact_ids = torch.topk(t_logits, ids.shape[1], dim=-1).indices
+            # the cache stores each position's ids ascending (schema 3), so compare as sorted sets
+            exact_ids = torch.topk(t_logits, ids.shape[1], dim=-1).indices.sort(dim=-1).values
             id_match += (exact_ids == ids).all(-1).sum().item()
             kl_c = truncated_reverse_kl(s_logits, ids, probs_c, resid_c)
             kl_x = truncated_reverse_kl(s_logits, ids, probs_x, resid_x)
@@ -185,13 +186,14 @@ def _prepare(cfg: MolConfig):
 
 
 def teacher_backend(cfg: MolConfig, model_path: Path, device, pad_id: int):
-    """(transformers model or None, label(batch of token lists) -> [(ids, probs, residual)])."""
+    """(transformers model or None, label(batch of token lists) -> [(ids, probs, residual)]). A vLLM
+    labeller also has `vocab_size` (rows of its output projection) and `close()`."""
     k, chunk = cfg.teacher.top_k, cfg.teacher.chunk_positions
     if cfg.teacher.backend == "vllm":
         from .vllm_teacher import VllmTeacher
 
-        engine = VllmTeacher(model_path, k, cfg.model.dtype, cfg.teacher.vllm_kwargs)
-        return None, engine.labels
+        return None, VllmTeacher(model_path, k, chunk, device=device, dtype=cfg.model.dtype,
+                                 max_model_len=cfg.data.max_seq_len, engine_kwargs=cfg.teacher.vllm_kwargs)
     model = load_model(model_path, cfg.model, device=device).eval()
     return model, lambda batch: teacher_labels(model, batch, k, chunk, pad_id, device)
 
@@ -309,11 +311,34 @@ class _Labeller:
             self.vocab = max(self.vocab, self.model.get_output_embeddings().weight.shape[0])
         return self.model
 
+    @property
+    def dtype(self) -> str:
+        """The labelling model's compute dtype, for the manifest."""
+        if self.cfg.teacher.backend == "vllm":
+            from .vllm_teacher import engine_dtype
+
+            return str(getattr(torch, engine_dtype(self.cfg.model.dtype, self.device.type == "cuda")))
+        return str(pick_dtype(self.cfg.model.dtype, self.device))
+
+    @property
+    def defers_finalize(self) -> bool:
+        """vLLM: every unit is labelled first, then the engine is shut down and a transformers model
+        measures each unit's fidelity (the engine holds the device's memory; vLLM and an independent
+        forward pass are never resident together)."""
+        return self.cfg.teacher.backend == "vllm"
+
+    def close(self) -> None:
+        close = getattr(self.label, "close", None)
+        if close is not None:
+            close()
+        self.label = None
+
     def __call__(self, batch: list[np.ndarray]):
         if self.label is None:
             self.model, self.label = teacher_backend(self.cfg, self.model_path, self.device, self.pad_id)
             if self.model is not None:
                 self.vocab = max(self.vocab, self.model.get_output_embeddings().weight.shape[0])
+            self.vocab = max(self.vocab, getattr(self.label, "vocab_size", 0))
             if self.cfg.teacher.top_k >= self.vocab:
                 raise ConfigError([f"teacher.top_k = {self.cfg.teacher.top_k} must be < the model's vocabulary size {self.vocab}"])
         t0 = time.time()
@@ -444,6 +469,7 @@ def run_teacher_pass(cfg: MolConfig, make_bar: Optional[MakeBar] = None) -> tupl
     # streaming: the token total is unknown until the end, so the bar counts tokens and their rate
     bar = make_bar(None, "teacher pass" if not sharded else f"teacher pass, worker {me}/{n_workers}")
     k = cfg.teacher.top_k
+    deferred: list[tuple[C.ResolvedUnit, dict]] = []
 
     def writer():
         return C.ShardWriter(k, labeller.vocab, cfg.teacher.zstd_level, cfg.teacher.writer_threads,
@@ -471,6 +497,8 @@ def run_teacher_pass(cfg: MolConfig, make_bar: Optional[MakeBar] = None) -> tupl
                          "device": str(device), "host": platform.node()}
                 if sharded:
                     C.write_atomic(u.dir / f"worker-{me:04d}.json", (json.dumps(stats) + "\n").encode())
+                elif labeller.defers_finalize:
+                    deferred.append((u, stats))
                 else:
                     _finalize_unit(cfg, u, tokenizer, labeller, device, [stats])
             log.info("unit %s (%s/%s): %s, %d tokens labelled", u.name, u.source.corpus, u.source.subset,
@@ -479,6 +507,11 @@ def run_teacher_pass(cfg: MolConfig, make_bar: Optional[MakeBar] = None) -> tupl
             log.info("worker %d of %d done; when every worker is, run the finalize step "
                      "(python -m stages.teacher_cache CONFIG teacher.num_workers=%d --finalize)", me, n_workers, n_workers)
             return rk.cache_dir, "worker-done"
+        labeller.close()
+        for u, stats in deferred:
+            with cache_lock(u.dir, what="unit"):
+                if not (u.dir / C.MANIFEST).is_file():  # another config's pass may have finalized it meanwhile
+                    _finalize_unit(cfg, u, tokenizer, labeller, device, [stats], finalizing=True)
         _write_set(cfg, rk, outcome, device, t0)
     statuses = {o["status"] for o in outcome.values()}
     status = "resumed" if "resumed" in statuses else "built" if "built" in statuses else "reused"
@@ -540,7 +573,7 @@ def _finalize_unit(cfg: MolConfig, u: C.ResolvedUnit, tokenizer, labeller: "_Lab
                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                  source=dataclasses.asdict(report), segments=len(segments), counts=counts, shards=meta,
                  residual=resid, residual_sample=sample, device=str(device),
-                 dtype=str(next(labeller.model.parameters()).dtype) if labeller.model is not None else None,
+                 dtype=labeller.dtype,
                  host=platform.node(), torch_version=torch.__version__, worker_stats=stats)
     manifest = C.unit_manifest(**facts)
     # fidelity reads the shards; the manifest is written only after it, so "manifest exists" == complete

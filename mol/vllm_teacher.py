@@ -1,88 +1,137 @@
-"""Stage 1 on vLLM (`teacher.backend: vllm`, extra `[vllm]`, CUDA only): top-k labels from prompt log-probs.
+"""Stage 1 on vLLM (`teacher.backend: vllm`): vLLM runs the frozen model's body, MoL computes the labels.
 
-vLLM returns, for every prompt position t >= 1, the log-probabilities of the k most likely tokens
-at t given the prefix (`prompt_logprobs[t]`, a mapping token id -> Logprob(logprob, rank, ...)),
-plus the actual prompt token as an extra entry when it is not among them. Position 0 carries no
-distribution. With `logprobs_mode="raw_logprobs"` the values are the log-softmax of the raw logits
-(no temperature, penalties or processors), i.e. what the transformers backend computes.
+The engine is a pooling runner that returns, per prompt, the final (post-norm) hidden states of
+every position (`PoolerConfig(task="token_embed", pooling_type="ALL", use_activation=False)`).
+The labels are then computed from them by `mol.teacher.topk_from_hidden`, the same code the
+transformers backend runs: fp32 logits against the model's output projection, chunked top-k, and
+a residual summed over the positions outside the top-k (its own numerator, never 1 - Σp).
 
-The cache's row for position t (predicting token t+1) is `prompt_logprobs[t + 1]` restricted to
-its entries of rank <= k; the residual is 1 - Σ p over them, computed in log space in float64
-(log1mexp of their log-sum-exp), so it stays accurate when it is tiny.
+Why not vLLM's prompt log-probs: they are fp32 log-softmax values, so the residual 1 - Σ exp(lp)
+loses everything below fp32's ulp of 1 (at r = 1e-6 the relative error was 54× on BoolQ); and
+building a Python dict of k entries per position made them slower than this route on the default
+model (docs/vllm.md). Here the residual meets the cache's bound whatever the backend.
+
+The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, unless the user set it): no
+EngineCore process exists that could outlive a killed Stage 1, and no shared memory is left behind.
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import logging
-import math
+import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
 
-import numpy as np
+import torch
 
 from .config import ConfigError
 
 log = logging.getLogger(__name__)
 
-
-def _log1mexp(x: np.ndarray) -> np.ndarray:
-    """log(1 - exp(x)) for x <= 0, accurate at both ends; -inf at x = 0."""
-    x = np.minimum(x, 0.0)
-    with np.errstate(divide="ignore"):
-        return np.where(x > -math.log(2), np.log(-np.expm1(x)), np.log1p(-np.exp(x)))
+CPU_KV_CACHE_BYTES = 1 << 30
+"""KV cache reserved on CPU unless teacher.vllm_kwargs sets kv_cache_memory_bytes or
+gpu_memory_utilization: vLLM's CPU default (92 % of the NUMA node) refuses to start beside any other
+process, and one scoring pass of data.max_seq_len-token prompts needs far less."""
 
 
-def parse_prompt_logprobs(prompt_logprobs: Sequence[Mapping[int, Any] | None], k: int):
-    """One request's `prompt_logprobs` -> (ids [L-1, k] int64, probs [L-1, k] float32, residual [L-1] float32),
-    ids most probable first, as `mol.teacher.teacher_labels` returns them.
+def engine_dtype(dtype: str, on_gpu: bool) -> str:
+    """model.dtype for the engine: `auto` is bf16 on a GPU and fp32 on CPU, as for the transformers
+    backend (vLLM's own `auto` would take the checkpoint's bf16 on CPU too)."""
+    if dtype == "auto":
+        return "bfloat16" if on_gpu else "float32"
+    return dtype
 
-    Raises ValueError when a position has fewer than k entries of rank <= k (max_logprobs below k,
-    or the request asked for fewer).
-    """
-    if len(prompt_logprobs) < 2:
-        raise ValueError("a prompt of fewer than 2 tokens has no next-token distribution to store")
-    n = len(prompt_logprobs) - 1
-    ids = np.empty((n, k), dtype=np.int64)
-    logp = np.empty((n, k), dtype=np.float64)
-    for t, pos in enumerate(prompt_logprobs[1:]):
-        if pos is None:
-            raise ValueError(f"prompt position {t + 1} has no log-probs (prefix caching on?)")
-        entries = []
-        for tid, lp in pos.items():
-            rank = getattr(lp, "rank", None)
-            # the actual prompt token is added with its true rank when it is outside the top-k
-            if rank is None or rank <= k:
-                entries.append((float(lp.logprob), int(tid)))
-        if len(entries) < k:
-            raise ValueError(f"prompt position {t + 1}: {len(entries)} log-probs of rank <= {k}, expected {k} "
-                             f"(LLM(max_logprobs) and SamplingParams(prompt_logprobs) must be >= k)")
-        entries.sort(key=lambda e: -e[0])
-        for j, (v, tid) in enumerate(entries[:k]):
-            logp[t, j], ids[t, j] = v, tid
-    lse = np.logaddexp.reduce(logp, axis=1)
-    resid = np.exp(_log1mexp(lse))
-    return ids, np.exp(logp).astype(np.float32), resid.astype(np.float32)
+
+def engine_arguments(device: torch.device, dtype: str, max_model_len: int, engine_kwargs: dict | None) -> dict:
+    """vllm.LLM arguments shared by every engine MoL builds (the teacher's, the bench's bare pass):
+    the dtype rule, the longest prompt, a CPU KV-cache size, then the user's teacher.vllm_kwargs."""
+    kwargs = {"dtype": engine_dtype(dtype, device.type == "cuda"), "max_model_len": max_model_len,
+              "enable_prefix_caching": False, **(engine_kwargs or {})}
+    if device.type != "cuda" and "kv_cache_memory_bytes" not in kwargs and "gpu_memory_utilization" not in kwargs:
+        kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+    return kwargs
+
+
+def output_projection(model_path: Path) -> torch.Tensor:
+    """The model's output projection [V, H] read from its safetensors files (tied: the input embedding)."""
+    from safetensors import safe_open
+
+    path = Path(model_path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+        weight_map = {}
+        for f in files:
+            with safe_open(f, framework="pt") as sf:
+                weight_map.update({name: f.name for name in sf.keys()})
+    names = [n for n in weight_map if n == "lm_head.weight" or n.endswith(".lm_head.weight")]
+    if not names:  # tied embeddings (SmolLM2, Qwen3-0.6B): the output projection is the input embedding
+        names = [n for n in weight_map if n.endswith(("embed_tokens.weight", "wte.weight"))]
+    if not names:
+        raise ConfigError([f"teacher.backend = vllm: no lm_head or embed_tokens weight in {path}'s safetensors"])
+    with safe_open(path / weight_map[names[0]], framework="pt") as sf:
+        return sf.get_tensor(names[0])
 
 
 class VllmTeacher:
-    """A vLLM engine set up for one scoring pass: token-id prompts, one generated token, top-k prompt log-probs."""
+    """A vLLM engine set up for one labelling pass: token-id prompts in, per-position hidden states
+    out, labelled by `topk_from_hidden` on `device` (the GPU the engine runs on, or the CPU)."""
 
-    def __init__(self, model_path: Path, k: int, dtype: str = "auto", engine_kwargs: dict | None = None):
+    def __init__(self, model_path: Path, k: int, chunk: int, *, device: torch.device, dtype: str = "auto",
+                 max_model_len: int, engine_kwargs: dict | None = None):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         try:
-            from vllm import LLM, SamplingParams
+            from vllm import LLM
+            from vllm.config import PoolerConfig
         except ImportError as e:
-            raise ConfigError([f"teacher.backend = vllm needs vLLM (pip install -e '.[vllm]', CUDA only): {e}"]) from None
-        self.k = k
-        kwargs = {"dtype": "bfloat16" if dtype == "auto" else dtype, **(engine_kwargs or {})}
-        # max_logprobs defaults to 20 (< 31); prefix caching would skip the cached positions' log-probs
-        self.llm = LLM(model=str(model_path), max_logprobs=k, logprobs_mode="raw_logprobs",
-                       enable_prefix_caching=False, **kwargs)
-        self.params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False)
+            raise ConfigError([f"teacher.backend = vllm needs vLLM: `make vllm-setup` (a venv of its own, "
+                               f".venv-vllm), then run Stage 1 with .venv-vllm/bin/python ({e})"]) from None
+        self.k, self.chunk, self.device = k, chunk, device
+        kwargs = engine_arguments(device, dtype, max_model_len, engine_kwargs)
+        self.dtype = kwargs["dtype"]
+        # prefix caching (off in engine_arguments) would hand back no hidden states for cached positions
+        self.llm = LLM(model=str(model_path), runner="pooling",
+                       pooler_config=PoolerConfig(task="token_embed", pooling_type="ALL", use_activation=False),
+                       **kwargs)
+        self.weight = output_projection(model_path).to(self.device, torch.float32)
+        self.vocab_size = self.weight.shape[0]
 
-    def labels(self, batch: list[list[int]]):
-        """Same contract as mol.teacher.teacher_labels: per sequence (ids, probs, residual) numpy."""
+    def hidden(self, batch: list) -> list[torch.Tensor]:
+        """Per sequence [L, H] final hidden states, as the engine computed them."""
         from vllm.inputs import TokensPrompt
 
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(map(int, s))) for s in batch],
-                                 self.params, use_tqdm=False)
-        return [parse_prompt_logprobs(o.prompt_logprobs, self.k) for o in outs]
+        outs = self.llm.encode([TokensPrompt(prompt_token_ids=[int(t) for t in s]) for s in batch],
+                               pooling_task="token_embed", use_tqdm=False)
+        return [o.outputs.data for o in outs]
+
+    @torch.no_grad()
+    def __call__(self, batch: list):
+        """Same contract as mol.teacher.teacher_labels: per sequence (ids [L-1, k], probs [L-1, k], residual [L-1]) numpy."""
+        from .teacher import topk_from_hidden
+
+        hs = self.hidden(batch)
+        h = torch.cat([x[:-1] for x in hs]).to(self.device)
+        ids, probs, resid = (t.cpu().numpy() for t in topk_from_hidden(h, self.weight, self.k, self.chunk))
+        out, a = [], 0
+        for x in hs:
+            n = x.shape[0] - 1
+            out.append((ids[a:a + n], probs[a:a + n], resid[a:a + n]))
+            a += n
+        return out
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory (a transformers model may load after it)."""
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        engine = getattr(llm, "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del llm, engine, core
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

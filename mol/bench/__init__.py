@@ -16,7 +16,7 @@ whole run).
 """
 
 from ..machine import machine_info  # mol.experiment imports it from here
-from .report import FIGURE_IDS, json_safe, to_markdown
+from .report import FIGURE_IDS, VLLM_FIGURE_IDS, json_safe, to_markdown
 from .run import SECTIONS, run_all
 
-__all__ = ["FIGURE_IDS", "SECTIONS", "json_safe", "machine_info", "run_all", "to_markdown"]
+__all__ = ["FIGURE_IDS", "VLLM_FIGURE_IDS", "SECTIONS", "json_safe", "machine_info", "run_all", "to_markdown"]

@@ -29,10 +29,32 @@ def _figure(fid: str, figure: str, measured: float, op: str, goal: float, text: 
 FIGURE_IDS = ("stage1_vs_forward", "stage1_pipeline_tokens_per_s", "stage1_rss_10x", "cache_bytes_per_token",
               "mol_vs_ce_step_time", "mol_vs_ce_peak_memory", "cache_vs_online_teacher_step_time",
               "loss_path_memory_vs_naive", "reader_vs_training_tokens_per_s")
+VLLM_FIGURE_IDS = ("vllm_stage1_vs_bare", "vllm_stage1_vs_transformers")
+"""Reported after FIGURE_IDS when the vLLM venv exists (make vllm-setup); not in --quick."""
+
+
+def vllm_figures(v: dict) -> list[dict]:
+    """Stage 1 on vLLM ÷ vLLM's bare prompt pass, and ÷ the transformers backend (mol.bench.vllm)."""
+    tps = v["tokens_per_s"]
+    shape = f"{v['batch']}×{v['seq_len']} tokens, {v['dtype']} on {v['device']}, vLLM {v['vllm_version']}"
+    return [
+        _figure("vllm_stage1_vs_bare", "vLLM Stage 1 tokens/s ÷ vLLM's bare prompt pass (no log-probs)",
+                v["ratio_stage1_vs_bare"], ">=", 0.9,
+                f"{v['ratio_stage1_vs_bare']:.3f} ({tps['vllm_stage1']:.0f} vs {tps['vllm_bare']:.0f} tok/s; the"
+                f" engine's hidden states alone {tps['vllm_hidden']:.0f}; prompt log-probs"
+                f" {tps['vllm_prompt_logprobs']:.0f} tok/s = {v['ratio_prompt_logprobs_vs_bare']:.3f} of bare;"
+                f" {shape}; {_round_range(v['times']['vllm_bare'], v['times']['vllm_stage1'])})", v),
+        _figure("vllm_stage1_vs_transformers", "vLLM Stage 1 tokens/s ÷ transformers Stage 1 tokens/s",
+                v["ratio_stage1_vs_transformers"], ">=", 1.0,
+                f"{v['ratio_stage1_vs_transformers']:.3f} ({tps['vllm_stage1']:.0f} vs"
+                f" {tps['transformers_stage1']:.0f} tok/s; {shape};"
+                f" {_round_range(v['times']['transformers_stage1'], v['times']['vllm_stage1'])})", v,
+                goal_text="≥ 1 (vLLM the faster engine)"),
+    ]
 
 
 def build_figures(stage1: dict, at_scale: dict, storage: dict, stage2: dict, stage2_mem: dict, headline: dict,
-                  k: int, cache_bytes_per_token: float) -> list[dict]:
+                  k: int, cache_bytes_per_token: float, vllm: dict | None = None) -> list[dict]:
     """The figures table, in FIGURE_IDS order, from the measurements (each figure's detail holds
     what it was computed from, so a report can be rebuilt from bench.json)."""
     t2, mem2 = stage2["times"], (stage2_mem["mol"], stage2_mem["ce"])
@@ -97,6 +119,8 @@ def build_figures(stage1: dict, at_scale: dict, storage: dict, stage2: dict, sta
                  "reader_load_s": t2.get("reader_load")}),
     ]
     assert [f["id"] for f in figures] == list(FIGURE_IDS)
+    if vllm and "skipped" not in vllm:
+        figures += vllm_figures(vllm)
     return figures
 
 

@@ -23,11 +23,12 @@ from .sizes import FULL, QUICK, quick_config
 from .stage1 import bench_stage1, stage1_pipeline
 from .stage2 import Stage2, stage2_peak_memory, stage2_step_ratio, stage2_steps
 from .storage import best_storage, storage_study, zstd_levels_study
+from .vllm import bench_vllm
 
 log = logging.getLogger(__name__)
 
 
-SECTIONS = ("teacher cache", "stage 1 vs bare forward", "storage variants", "zstd levels",
+SECTIONS = ("teacher cache", "stage 1 vs bare forward", "vllm teacher", "storage variants", "zstd levels",
             "stage 1 at scale (stub teacher)", "stage 2 steps", "stage 2 step ratio vs length", "stage 2 peak memory",
             "loss path peak memory", "loss path time")
 """The parts of run_all in order; `section(name)` is called as each starts."""
@@ -109,6 +110,17 @@ def run_all(cfg: MolConfig, *, quick: bool = False, workdir: Optional[Path] = No
                               vocab, workdir, sz, cfg.teacher.writer_threads, C.row_group_rows(cfg))
         log.info("stage 1: %.3f of a bare forward (labels only %.3f)", stage1["ratio"], stage1["ratio_labels_only"])
 
+        enter("vllm teacher")
+        if quick:
+            vllm = {"skipped": "--quick (tests/test_vllm_teacher.py runs this measurement on the tiny model)"}
+        else:
+            vllm = bench_vllm(model_path, s1_rows, k=k, chunk=cfg.teacher.chunk_positions, dtype=cfg.model.dtype,
+                              pad_id=tokenizer.pad_token_id, reps=sz.reps, warmup=sz.warmup,
+                              engine_kwargs=cfg.teacher.vllm_kwargs, threads=threads)
+        if "skipped" not in vllm:
+            log.info("vllm stage 1: %.3f of its bare prompt pass, %.3f of the transformers backend",
+                     vllm["ratio_stage1_vs_bare"], vllm["ratio_stage1_vs_transformers"])
+
         enter("storage variants")
         dom = [r for r in full_rows if r[C.CORPUS] == "domain"]
         gen = [r for r in full_rows if r[C.CORPUS] == "general"]
@@ -152,8 +164,10 @@ def run_all(cfg: MolConfig, *, quick: bool = False, workdir: Optional[Path] = No
         if own_tmp is not None:
             own_tmp.cleanup()
 
-    figures = build_figures(stage1, at_scale, storage, stage2, stage2_mem, headline, k, meta["cache_bytes_per_token"])
+    figures = build_figures(stage1, at_scale, storage, stage2, stage2_mem, headline, k, meta["cache_bytes_per_token"],
+                            vllm)
     enter("")
     meta["seconds"] = time.time() - t_start
     return {"meta": meta, "figures": figures, "storage": storage, "zstd_levels": zstd, "stage1_at_scale": at_scale,
+            "vllm": vllm,
             "scaling": {"loss_path": loss_scaling, "step_ratio": step_scaling}}
