@@ -48,8 +48,12 @@ def engine_arguments(device: torch.device, dtype: str, max_model_len: int, engin
     the dtype rule, the longest prompt, a CPU KV-cache size, then the user's teacher.vllm_kwargs."""
     kwargs = {"dtype": engine_dtype(dtype, device.type == "cuda"), "max_model_len": max_model_len,
               "enable_prefix_caching": False, **(engine_kwargs or {})}
-    if device.type != "cuda" and "kv_cache_memory_bytes" not in kwargs and "gpu_memory_utilization" not in kwargs:
-        kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+    if device.type != "cuda":
+        if "kv_cache_memory_bytes" not in kwargs and "gpu_memory_utilization" not in kwargs:
+            kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+        # vLLM's torch.compile of the model took 50-60 s at every start here (its cache missed), more
+        # than the whole default pass's labelling; eager is the CPU default ({enforce_eager: false} to compile)
+        kwargs.setdefault("enforce_eager", True)
     return kwargs
 
 
