@@ -86,7 +86,7 @@ test: data model vllm-setup
 
 # SIGKILL sweeps and every fault case through real subprocesses (minutes; see tests/faults_kit.py)
 test-faults: data model vllm-setup
-	MOL_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(PY) -m pytest -q -m faults tests/test_faults_stage1.py tests/test_faults_stage2.py tests/test_faults_inputs.py
+	MOL_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(PY) -m pytest -q -m faults tests/test_faults_stage1.py tests/test_faults_stage2.py tests/test_faults_inputs.py tests/test_vllm_teacher.py
 
 clean-runs:
 	rm -rf runs

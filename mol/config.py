@@ -165,10 +165,11 @@ class TeacherConfig:
     label_domain: bool = True
     """Also label domain sequences (needed for the α·KL term on domain text)."""
     backend: Literal["transformers", "vllm"] = "transformers"
-    """Inference engine for the teacher pass: transformers (the reference, CPU or GPU) or vllm
-    (extra `[vllm]`, CUDA only; its log-probs differ slightly, see the README)."""
+    """Inference engine for the teacher pass: transformers (the reference, CPU or GPU) or vllm (its
+    own venv, `make vllm-setup`; CPU or GPU; the same labels from its hidden states, docs/vllm.md)."""
     vllm_kwargs: dict = field(default_factory=dict)
-    """Extra vllm.LLM arguments for backend vllm, e.g. {tensor_parallel_size: 2, gpu_memory_utilization: 0.9}."""
+    """Extra vllm.LLM arguments for backend vllm, e.g. {tensor_parallel_size: 2, gpu_memory_utilization: 0.9};
+    they override MoL's (dtype, max_model_len, and on CPU a 1 GiB KV cache and enforce_eager)."""
     batch_size: int = 8
     """Sequences per forward pass."""
     chunk_positions: int = 2048
