@@ -92,7 +92,7 @@ clean-runs:
 	rm -rf runs
 
 .PHONY: bench experiment
-bench: data model
+bench: data model vllm-setup
 	$(PY) -m stages.bench $(ARGS)
 
 # The paper's claims from one cache: six runs, ~2 h on a 2-core CPU (docs/experiment/README.md);
