@@ -1,5 +1,9 @@
-"""File primitives every stage shares: content hashes and atomic writes (no MoL imports, so
-anything may import it)."""
+"""File primitives every stage shares: content hashes, atomic and durable writes, advisory locks
+(no MoL imports, so anything may import it).
+
+Durable means it survives a power loss, not only a crash: a rename changes the folder, not the
+file, so the folder itself is fsynced after every rename (`replace_durably`); until then a power
+cut can bring back the old name, or no name at all, over data that was fsynced."""
 
 from __future__ import annotations
 
@@ -17,15 +21,45 @@ def sha256_path(path: Path) -> str:
     return h.hexdigest()
 
 
+def fsync_dir(path: Path) -> None:
+    """fsync a folder: makes the names created, renamed or removed in it durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file and folder under `path` (itself included), e.g. a folder a library wrote
+    (save_pretrained does not fsync) before it is renamed into place."""
+    for root, _, files in os.walk(path, topdown=False):  # a folder after everything in it
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(root))
+
+
+def replace_durably(src: Path, dst: Path) -> None:
+    """os.replace, then fsync the destination's folder: the new name survives a power loss. `src`
+    must be durable already (fsynced file, or a folder after fsync_tree)."""
+    os.replace(src, dst)
+    fsync_dir(Path(dst).parent)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
-    """Temp name, fsync, rename: a reader sees the old file or the whole new one, never a part."""
+    """Temp name, fsync, rename, fsync the folder: a reader sees the old file or the whole new one,
+    never a part, even after a power loss."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     except OSError:
         tmp.unlink(missing_ok=True)  # a full disk must not also keep the partial copy
         raise

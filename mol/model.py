@@ -89,7 +89,10 @@ def convert_default_model(target: Path | None = None) -> Path:
     tok.save_pretrained(tmp)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    from .files import fsync_tree, replace_durably
+
+    fsync_tree(tmp)  # save_pretrained does not fsync: a power loss must not leave a torn model here
+    replace_durably(tmp, target)
     return target
 
 

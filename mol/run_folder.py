@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import time
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ import torch
 
 from .config import ConfigError, MolConfig, config_to_dict, dump_config, expand_path, load_config
 from .errors import MolError
-from .files import try_lock, write_atomic
+from .files import fsync_dir, fsync_tree, replace_durably, try_lock, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,16 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def _reason(e: Exception) -> str:
+    """The system's words for a failed write; safetensors wraps them in its own text
+    ('Error while serializing: I/O error: No space left on device (os error 28)')."""
+    if getattr(e, "strerror", None):
+        return e.strerror
+    text = str(e)
+    found = re.search(r"I/O error: (.+?) \(os error \d+\)", text)
+    return found.group(1) if found else (text.splitlines() or [type(e).__name__])[0]
 
 
 def _may_change(key: str) -> bool:
@@ -120,20 +131,32 @@ class RunFolder:
     # ------------------------------------------------------------------ lock
 
     @contextmanager
-    def lock(self):
+    def lock(self, main: bool = True, share=None):
         """One trainer per folder: a second one is refused while the first holds the lock. A folder
-        this call created is removed again if the run leaves nothing in it (e.g. the cache failed)."""
-        created = [p for p in (self.path, *self.path.parents) if not p.exists()]
-        self.path.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = try_lock(self.path / LOCK)
-        except BlockingIOError:
-            raise RunFolderError(f"{self.path}: another trainer is writing this run folder (lock held); "
-                                 f"wait for it or choose another train.run_name") from None
+        this call created is removed again if the run leaves nothing in it (e.g. the cache failed).
+
+        Under several processes only the main one (`main`) takes the lock, and `share(x)` gives
+        every process the main one's x: a refusal stops every rank here, before any of them reads
+        or writes the folder (otherwise the others would run on without the lock, or wait forever
+        for a rank 0 that has exited)."""
+        created, fd, refused = [], None, None
+        if main:
+            created = [p for p in (self.path, *self.path.parents) if not p.exists()]
+            self.path.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = try_lock(self.path / LOCK)
+            except BlockingIOError:
+                refused = (f"{self.path}: another trainer is writing this run folder (lock held); "
+                           f"wait for it or choose another train.run_name")
+        if share is not None:
+            refused = share(refused)
+        if refused:
+            raise RunFolderError(refused)
         try:
             yield self
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
             if created and {p.name for p in self.path.iterdir()} <= {LOCK}:
                 shutil.rmtree(self.path, ignore_errors=True)
                 for parent in created[1:]:  # e.g. a new out_dir: gone again unless another run is in it
@@ -225,7 +248,7 @@ class RunFolder:
         latest = self.latest_checkpoint()
         kept = (f"the last checkpoint, {latest}, is intact" if latest
                 else "no checkpoint was written yet")
-        return (f"could not write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0]}); "
+        return (f"could not write {path} ({_reason(e)}); "
                 f"the run stopped. Nothing written before was lost: {kept}"
                 + (f"; the partial {removed} was removed" if removed else "")
                 + f". Free space and continue with train.resume=true train.run_name={self.path.name}")
@@ -266,23 +289,36 @@ class RunFolder:
 
     def save_weights(self, model, tokenizer, finetune: str, merged: bool, merge=None) -> None:
         """The adapter (or the full model), and the merged model when asked (`merge(adapter_dir)`
-        builds it when the trained model's own merge would not do, e.g. on a quantized base); a full
-        disk is reported with what survived (the final checkpoint), and the partial folder removed."""
+        builds it when the trained model's own merge would not do, e.g. on a quantized base). Each
+        folder is written as a checkpoint is (temp folder, fsync, rename), so it only ever exists
+        complete; a full disk is reported with what survived (the final checkpoint), and the partial
+        folder removed."""
+        for stale in self.path.glob(".tmp-*"):  # a killed save's (any pid); one trainer per run folder
+            shutil.rmtree(stale, ignore_errors=True)
         target = self.weights_dir(finetune)
+        if finetune == "lora":
+            self._save_folder(target, model.save_pretrained)
+            if merged:
+                full = merge(target) if merge is not None else model.merge_and_unload()
+                self._save_folder(self.path / MERGED, full.save_pretrained, tokenizer.save_pretrained)
+        else:
+            self._save_folder(target, model.save_pretrained, tokenizer.save_pretrained)
+
+    def _save_folder(self, target: Path, *writers) -> None:
+        """`writer(folder)` each into a temp folder, then fsync it and rename it to `target`."""
+        from safetensors import SafetensorError
+
+        tmp = self.path / f".tmp-{target.name}-{os.getpid()}"
         try:
-            if finetune == "lora":
-                model.save_pretrained(target)
-                if merged:
-                    adapter, target = target, self.path / MERGED
-                    full = merge(adapter) if merge is not None else model.merge_and_unload()
-                    full.save_pretrained(target)
-                    tokenizer.save_pretrained(target)
-            else:
-                model.save_pretrained(target)
-                tokenizer.save_pretrained(target)
-        except OSError as e:
+            for write in writers:
+                write(tmp)
+            fsync_tree(tmp)
             shutil.rmtree(target, ignore_errors=True)
-            raise RunFolderError(self._write_failed(target, e, removed=target)) from None
+            replace_durably(tmp, target)
+        # safetensors reports a full disk as its own error, not as an OSError
+        except (OSError, SafetensorError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RunFolderError(self._write_failed(target, e, removed=tmp)) from None
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -312,11 +348,12 @@ class RunFolder:
                             "torch_rng": torch.get_rng_state()}, f)
                 f.flush()
                 os.fsync(f.fileno())
+            fsync_dir(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            replace_durably(tmp, final)
         except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as RuntimeError
             shutil.rmtree(tmp, ignore_errors=True)
             raise RunFolderError(self._write_failed(final, e, removed=tmp)) from None
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
         self._write(root / "latest", final.name.encode())
         for old in sorted(root.glob("step-*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

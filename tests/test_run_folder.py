@@ -171,10 +171,11 @@ def test_a_checkpoint_that_does_not_fit_is_refused(setup, capsys):
     assert _main(setup, "train.resume=true") == 0
 
 
-@pytest.mark.parametrize("where", ["checkpoint", "adapter"])
+@pytest.mark.parametrize("where", ["checkpoint", "adapter", "adapter-safetensors"])
 def test_a_full_disk_while_saving_is_explained_and_cleaned_up(setup, capsys, monkeypatch, where):
-    """ENOSPC in checkpoint 2's write, or in the final adapter's: exit 2 naming the path, the partial
-    write removed, nothing earlier lost; a resume after space is freed finishes the run."""
+    """ENOSPC in checkpoint 2's write, or in the final adapter's (an OSError, or safetensors' own
+    error, which is not one): exit 2 naming the path, the partial write removed, nothing earlier
+    lost; a resume after space is freed finishes the run."""
     if where == "checkpoint":
         real = torch.save
 
@@ -184,7 +185,7 @@ def test_a_full_disk_while_saving_is_explained_and_cleaned_up(setup, capsys, mon
             return real(obj, f, *a, **kw)
 
         monkeypatch.setattr(torch, "save", full)
-    else:
+    elif where == "adapter":
         from peft import PeftModel
 
         def full(self, path, *a, **kw):
@@ -193,11 +194,22 @@ def test_a_full_disk_while_saving_is_explained_and_cleaned_up(setup, capsys, mon
             raise OSError(errno.ENOSPC, "No space left on device")
 
         monkeypatch.setattr(PeftModel, "save_pretrained", full)
+    elif where == "adapter-safetensors":
+        import peft.peft_model
+        from safetensors import SafetensorError
+
+        def full(tensors, filename, *a, **kw):
+            Path(filename).write_bytes(b"partial")
+            # safetensors' text for ENOSPC (its save_file under a file size limit says "File too large")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+        monkeypatch.setattr(peft.peft_model, "safe_save_file", full)
     assert _main(setup) == 2
     err = _error(capsys)
     run = setup["run"]
     assert "No space left on device" in err and "train.resume=true" in err, err
     assert not list((run / "checkpoints").glob(".tmp-*")) and not (run / "adapter").exists()
+    assert not list(run.glob(".tmp-*")), list(run.iterdir())
     assert _latest(run).name == ("step-000001" if where == "checkpoint" else "step-000004")
     assert str(_latest(run)) in err
     monkeypatch.undo()
