@@ -219,6 +219,14 @@ class _Processes:
         if self.acc is not None:
             self.acc.wait_for_everyone()
 
+    def first(self, value):
+        """Rank 0's `value`, on every rank."""
+        if self.acc is None:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value], from_process=0)[0]
+
     def sum(self, values: list[float]) -> list[float]:
         if self.acc is None:
             return values
@@ -480,7 +488,7 @@ def train(cfg: MolConfig, make_bar: Optional[MakeBar] = None, stop_after: Option
     procs = _Processes(pick_device(cfg.model.device))
     _batch_split(t, procs.world)
     run = RunFolder.for_config(cfg)
-    with run.lock() if procs.main else nullcontext():
+    with run.lock(main=procs.main, share=procs.first):
         changes = run.check_resume(cfg) if t.resume else run.check_fresh()
         if t.resume and run.finished():
             log.info("%s finished already (%s exists): nothing to resume", run.path, SUMMARY)

@@ -10,7 +10,6 @@ Exit status 1 when a checksum, size, schema or row count does not match a manife
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import shutil
 import sys
@@ -20,6 +19,7 @@ from tqdm import tqdm
 
 from mol.cache import SETS_DIR, UNITS_DIR, CacheError, CacheUnit, TeacherCache, resolve_cache_key, sets_using
 from mol.config import expand_path, load_config, mol_home
+from mol.files import try_lock
 from stages._cli import entry_point
 
 
@@ -84,18 +84,14 @@ def inventory(root: Path) -> str:
     return "\n".join(rows)
 
 
-def _locked(folder: Path) -> bool:
-    lock = folder / ".lock"
-    if not lock.exists():
-        return False
-    fd = os.open(lock, os.O_RDWR)
+def _locked(folder: Path) -> int | None:
+    """Take the folder's lock, the one every teacher pass, worker and finalize takes: the
+    descriptor, or None while one of them holds it. Kept until the folder is gone, so a pass
+    starting meanwhile is refused instead of writing into a folder being deleted."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
+        return try_lock(folder / ".lock")
     except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+        return None
 
 
 def garbage_collect(configs: list[str], yes: bool) -> int:
@@ -111,14 +107,24 @@ def garbage_collect(configs: list[str], yes: bool) -> int:
             for d in sorted((root / kind).glob("*")):
                 if not d.is_dir() or d.name in keep:
                     continue
-                if _locked(d):
+                fd = _locked(d)
+                if fd is None:
                     print(f"skip   {d} (a teacher pass holds its lock)")
                     continue
-                size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
-                freed += size
-                print(f"{'remove' if yes else 'would remove'} {d}  ({size / 1e6:.1f} MB)")
-                if yes:
-                    shutil.rmtree(d)
+                try:
+                    size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+                    freed += size
+                    print(f"{'remove' if yes else 'would remove'} {d}  ({size / 1e6:.1f} MB)")
+                    if yes:
+                        # Renamed first, under the lock: rmtree unlinks .lock before the folder is
+                        # gone, and a pass starting then would lock a new .lock inside it. After the
+                        # rename a pass starts a fresh folder; a gc killed mid-delete leaves a .gc-*
+                        # folder (the next gc removes it), never a half unit under its own name.
+                        doomed = d if d.name.startswith(".gc-") else d.with_name(f".gc-{d.name}-{os.getpid()}")
+                        os.rename(d, doomed)
+                        shutil.rmtree(doomed)
+                finally:
+                    os.close(fd)
     print(f"{'freed' if yes else 'would free'} {freed / 1e6:.1f} MB" + ("" if yes else "; run again with --yes to remove"))
     return 0
 

@@ -310,6 +310,55 @@ def test_two_trainers_on_one_run_folder_cli(small, tmp_path):
     assert len(steps) == len(set(steps)) and ("train", 6) in steps
 
 
+# Each rank of an `accelerate launch` runs this instead of `-m stages.train`: its stderr to a file
+# of its own and its exit status recorded before it exits (the launcher stops the other ranks as
+# soon as one fails, and reports one status for all).
+_RANK_RECORDER = """
+import os, sys
+out, rank = sys.argv[1], os.environ["RANK"]
+sys.stderr = open(os.path.join(out, f"rank{rank}.err"), "w", buffering=1)
+from stages.train import main
+rc = main(sys.argv[2:])
+with open(os.path.join(out, f"rank{rank}.rc"), "w") as f:
+    f.write(str(rc))
+sys.exit(rc)
+"""
+
+
+@faults
+def test_a_multi_process_launch_on_a_locked_run_folder_is_refused_on_every_rank_cli(small, tmp_path):
+    """A 2-process launch (accelerate, gloo DDP on CPU) resuming a run folder whose lock another
+    trainer holds: every rank exits 2 naming the lock, and the folder is byte-identical after.
+    Before: only rank 0 took the lock and stopped; rank 1 went on to the barrier and died there
+    with a gloo "Connection closed by peer" traceback (then SIGTERM from the launcher)."""
+    import fcntl
+    import sys
+
+    cfg_path, run_dir = train_cfg_file(small, tmp_path)
+    train(load_config(cfg_path, ["train.run_name=x"]), stop_after=2)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    script, out = tmp_path / "rank.py", tmp_path / "ranks"
+    script.write_text(_RANK_RECORDER)
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd()] + sys.path), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(script), str(out), str(cfg_path), "train.run_name=x", "train.resume=true"]
+    fd = os.open(run_dir / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # the first trainer, still running
+    try:
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        os.close(fd)
+    log = r.stderr[-3000:] + "".join(f"\n--- {p.name}\n" + p.read_text()[-3000:] for p in sorted(out.iterdir()))
+    assert r.returncode != 0, log
+    for rank in (0, 1):
+        assert (out / f"rank{rank}.rc").is_file() and (out / f"rank{rank}.rc").read_text() == "2", log
+        err = (out / f"rank{rank}.err").read_text()
+        assert "another trainer is writing this run folder (lock held)" in err and "Traceback" not in err, log
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
 @faults
 def test_a_resume_with_changed_settings_is_refused_cli(small, tmp_path):
     cfg_path, run_dir = train_cfg_file(small, tmp_path)

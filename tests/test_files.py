@@ -126,3 +126,81 @@ def test_the_default_model_conversion_is_durable(tiny_model_dir, tmp_path, monke
     target = M.convert_default_model(tmp_path / "converted")
     assert (target / "model.safetensors").is_file() and _renamed(events) == ["converted"]
     assert undurable(events) == []
+
+
+# --------------------------------------------------------------------------- gc and the teacher's lock
+
+# Run before stages.cache_info in the child: its first "remove <folder>" line waits for the test's
+# go file, so the test acts while gc is between deciding to remove a folder and having removed it.
+_PAUSE_AT_FIRST_REMOVE = """
+import builtins, os, time
+_print, _paused = builtins.print, []
+def _pausing_print(*a, **kw):
+    _print(*a, **kw)
+    text = " ".join(map(str, a))
+    if text.startswith("remove ") and not _paused:
+        _paused.append(1)
+        with open({here!r}, "w") as f:
+            f.write(text.split()[1])
+        while not os.path.exists({go!r}):
+            time.sleep(0.01)
+builtins.print = _pausing_print
+"""
+
+
+def test_gc_holds_a_folders_lock_until_it_is_gone(tiny_model_dir, corpora, tmp_path, capsys):
+    """Two processes each way. A unit whose lock a child process holds is skipped. A teacher pass
+    that would resume an unfinished unit while a gc child is removing it is refused (lock held)
+    instead of writing into the folder being deleted; a pass after the gc rebuilds a cache that
+    verifies. Before: gc released its probe of the lock before rmtree, and the pass went ahead."""
+    from faults_kit import run_stage, spawn_stage, write_yaml
+    from stages.cache_info import main as cache_info_main
+
+    a = tiny_config(tiny_model_dir, corpora, tmp_path / "caches")
+    a_yaml = write_yaml(tmp_path / "a.yaml", a)
+    # another k: units and set of its own, so gc with b's config removes every folder of a's
+    b_yaml = write_yaml(tmp_path / "b.yaml", {**a, "teacher": {**a["teacher"], "top_k": 4}})
+    cache_dir, _ = run_teacher_pass(load_config(a_yaml))
+    units = sorted(p for p in (cache_dir.parent.parent / C.UNITS_DIR).iterdir())
+    assert len(units) == 2
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDWR)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\nsys.stdin.read()", str(units[0] / ".lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert cache_info_main(["--gc", str(b_yaml), "--yes"]) == 0
+        out = capsys.readouterr().out
+        assert f"skip   {units[0]}" in out and f"remove {units[1]}" in out, out
+        assert units[0].is_dir() and not units[1].exists() and not cache_dir.exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+    run_teacher_pass(load_config(a_yaml))  # units[1] and the set again
+    # as a killed pass leaves them: shards without a manifest, which the next pass resumes under
+    # the unit's lock (a complete unit is reused without it)
+    for d in (*units, cache_dir):
+        (d / C.MANIFEST).unlink()
+    here, go = tmp_path / "gc-paused", tmp_path / "gc-go"
+    gc = spawn_stage("stages.cache_info", ["--gc", str(b_yaml), "--yes"], tmp_path / "gc.log",
+                     _PAUSE_AT_FIRST_REMOVE.format(here=str(here), go=str(go)))
+    try:
+        t0 = time.monotonic()
+        while not here.exists():
+            assert gc.poll() is None, (tmp_path / "gc.log").read_text()
+            assert time.monotonic() - t0 < 120, "gc never reached its first removal"
+            time.sleep(0.05)
+        assert here.read_text() == str(units[0])
+        with pytest.raises(C.CacheError, match="lock held"):
+            run_teacher_pass(load_config(a_yaml))
+        with pytest.raises(BlockingIOError):
+            os.close(try_lock(units[0] / ".lock"))
+    finally:
+        go.touch()
+        assert gc.wait(timeout=120) == 0, (tmp_path / "gc.log").read_text()
+    assert not units[0].exists() and not units[1].exists()
+    assert not [p.name for p in units[0].parent.iterdir() if p.name.startswith(".gc-")]
+    cache_dir, status = run_teacher_pass(load_config(a_yaml))
+    assert status == "built" and C.TeacherCache(cache_dir).verify() == []
