@@ -69,12 +69,13 @@ import logging
 import math
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import MolConfig, SourceConfig, expand_path
@@ -454,8 +455,10 @@ def _read_manifest(folder: Path, what: str) -> dict:
         raise CacheError(f"{folder}: no {MANIFEST}; the teacher pass did not finish (run `make teacher-cache`)")
     try:
         m = json.loads(mf.read_text())
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # invalid JSON or UTF-8, or a file that cannot be read
         raise CacheError(f"{mf}: unreadable manifest ({e})") from None
+    except RecursionError:  # valid JSON nested deeper than the parser's stack: no manifest is
+        raise CacheError(f"{mf}: unreadable manifest (nested deeper than any manifest is)") from None
     version = m.get("schema_version") if isinstance(m, dict) else None
     if version != SCHEMA_VERSION:
         raise CacheError(f"{folder}: schema version {version} != {SCHEMA_VERSION} that this code reads; "
@@ -473,13 +476,37 @@ def _type_problems(obj: dict, fields: dict, prefix: str = "") -> list[str]:
 _UNIT_FIELDS = {"fingerprint": str, "key": dict, "model": dict, "counts": dict, "totals": dict,
                 "residual": dict, "shards": list}
 _UNIT_KEY_FIELDS = {"model_fingerprint": str, "tokenizer_fingerprint": str, "top_k": int, "labelled": bool,
-                    "source": dict}
+                    "rows_per_shard": int, "source": dict}
 _SHARD_FIELDS = {"file": str, "segment": int, "part": int, "rows": int, "tokens": int, "bytes": int,
                  "sha256": str}
 _SET_FIELDS = {"fingerprint": str, "key": dict, "model": dict, "counts": dict, "totals": dict,
                "residual": dict, "units": list}
 _SET_KEY_FIELDS = {"model_fingerprint": str, "tokenizer_fingerprint": str, "top_k": int, "label_domain": bool}
 _SET_UNIT_FIELDS = {"dir": str, "fingerprint": str, "corpus": str, "subset": str}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _shard_entry_problems(sh: dict) -> list[str]:
+    """What is wrong with one well-typed shard entry: its name, negative counts, val_rows the
+    reader could not index with, a row group size it could not step by (verify compares the rest
+    with the shard itself)."""
+    out = []
+    if Path(sh["file"]).name != sh["file"] or parse_shard_name(sh["file"]) != (sh["segment"], sh["part"]):
+        out.append(f"file {sh['file']!r} is not segment {sh['segment']} part {sh['part']}'s name")
+    neg = [f for f in ("segment", "part", "rows", "tokens", "bytes") if sh[f] < 0]
+    if neg:
+        out.append("negative " + ", ".join(neg))
+    vr = sh.get("val_rows")
+    if vr is not None and not (isinstance(vr, list) and all(_is_int(r) and 0 <= r < sh["rows"] for r in vr)
+                               and all(a < b for a, b in zip(vr, vr[1:]))):
+        out.append(f"val_rows is not an ascending list of row indices below {sh['rows']}")
+    rg = sh.get("rows_per_group")
+    if rg is not None and not (_is_int(rg) and rg > 0):
+        out.append(f"rows_per_group {rg!r} is not a positive integer")
+    return out
 
 
 def unit_manifest_problems(m) -> list[str]:
@@ -489,19 +516,27 @@ def unit_manifest_problems(m) -> list[str]:
         out += _type_problems(m["key"], _UNIT_KEY_FIELDS, "key.")
         if isinstance(m["key"].get("source"), dict):
             out += _type_problems(m["key"]["source"], {"corpus": str, "subset": str}, "key.source.")
+        if _is_int(m["key"].get("top_k")) and m["key"]["top_k"] < 1:
+            out.append(f"'key.top_k' {m['key']['top_k']} is not positive")
+        if _is_int(m["key"].get("rows_per_shard")) and m["key"]["rows_per_shard"] < 1:
+            out.append(f"'key.rows_per_shard' {m['key']['rows_per_shard']} is not positive")
+    if isinstance(m.get("model"), dict):
+        out += _type_problems(m["model"], {"vocab_size": int}, "model.")
     for i, sh in enumerate(m.get("shards") if isinstance(m.get("shards"), list) else []):
         bad = _type_problems(sh, _SHARD_FIELDS) if isinstance(sh, dict) else ["an object"]
+        bad = bad or _shard_entry_problems(sh)
         if bad:
             out.append(f"shards[{i}]: " + "; ".join(bad))
-        elif Path(sh["file"]).name != sh["file"] or parse_shard_name(sh["file"]) != (sh["segment"], sh["part"]):
-            out.append(f"shards[{i}]: file {sh['file']!r} is not segment {sh['segment']} part {sh['part']}'s name")
     return out
 
 
 def set_manifest_problems(m) -> list[str]:
+    """What a readable set manifest lacks for the trainer and the CLIs to use it (empty = usable)."""
     out = _type_problems(m, _SET_FIELDS)
     if isinstance(m.get("key"), dict):
         out += _type_problems(m["key"], _SET_KEY_FIELDS, "key.")
+    if isinstance(m.get("model"), dict):
+        out += _type_problems(m["model"], {"vocab_size": int}, "model.")
     for i, u in enumerate(m.get("units") if isinstance(m.get("units"), list) else []):
         bad = _type_problems(u, _SET_UNIT_FIELDS) if isinstance(u, dict) else ["an object"]
         if bad:
@@ -685,7 +720,12 @@ class Sequences:
         return out
 
 
-def sequences_from_tables(tables: list[pa.Table], where: Path, k: int) -> Sequences | None:
+def sequences_from_tables(tables: list[pa.Table], where: Path, k: int, rows: np.ndarray | None = None) -> Sequences | None:
+    """Tables of the cache's columns -> Sequences (None when they hold no rows).
+
+    Every labelled row must hold one teacher position per token but the last, in each of the three
+    teacher columns (a shard whose list offsets disagree would shift every later row's labels onto
+    the wrong tokens); a CacheError names `where` and the row (`rows[i]`, default i)."""
     tables = [t for t in tables if t.num_rows]
     if not tables:
         return None
@@ -699,16 +739,23 @@ def sequences_from_tables(tables: list[pa.Table], where: Path, k: int) -> Sequen
         has = np.asarray(t.column(RESIDUAL).is_valid().to_numpy(zero_copy_only=False), dtype=bool)
     else:
         has = np.zeros(n, dtype=bool)
+    lens = np.diff(tok_off)
     pos_off = np.zeros(n + 1, dtype=np.int64)
-    pos_off[1:] = np.cumsum(np.where(has, np.diff(tok_off) - 1, 0))
+    pos_off[1:] = np.cumsum(np.where(has, lens - 1, 0))
     tk_ids = tk_probs = resid = None
     if has.any():
+        want = np.where(has, lens - 1, 0)
+        for col in TEACHER_COLUMNS:
+            got = pc.list_value_length(t.column(col).chunk(0)).fill_null(0).to_numpy(zero_copy_only=False)
+            bad = np.flatnonzero((got != want) | (np.asarray(t.column(col).is_valid().to_numpy(zero_copy_only=False)) != has))
+            if len(bad):
+                i = int(bad[0])
+                raise CacheError(f"{where}: row {i if rows is None else int(rows[i])}: {col} holds {got[i]} positions"
+                                 f" where its {lens[i]} tokens need {max(lens[i] - 1, 0) if has[i] else 0}")
         # null rows contribute no values to the flattened children, so offsets line up with pos_off
         tk_ids = decode_ids(t.column(TOPK_IDS).chunk(0).flatten().flatten().to_numpy().reshape(-1, k))
         tk_probs = t.column(TOPK_PROBS).chunk(0).flatten().flatten().to_numpy().reshape(-1, k)
         resid = t.column(RESIDUAL).chunk(0).flatten().to_numpy()
-        if len(resid) != pos_off[-1]:
-            raise CacheError(f"{where}: teacher arrays have {len(resid)} positions, expected {pos_off[-1]}")
     return Sequences(
         seq_id=t.column(SEQ_ID).to_numpy(),
         corpus=np.array(t.column(CORPUS).to_pylist(), dtype=object),
@@ -717,6 +764,82 @@ def sequences_from_tables(tables: list[pa.Table], where: Path, k: int) -> Sequen
         teacher_topk_ids=tk_ids, teacher_topk_probs=tk_probs, teacher_residual=resid,
         has_teacher=has, pos_off=pos_off,
     )
+
+
+MASS_TOLERANCE = 0.02
+"""How far a position's decoded k probabilities plus residual may sum from 1. Quantisation moves
+the sum by at most sum_j sqrt(p_j)/1023 + k/1023² (<= 0.0055 at k = 31) plus the residual code's
+5.3e-4 relative error; a sum further off is not a distribution the teacher gave."""
+
+
+def _row_of(offsets: np.ndarray, flat_index: int) -> int:
+    """The row whose [offsets[i], offsets[i+1]) span holds a flat index."""
+    return int(np.searchsorted(offsets, flat_index, side="right") - 1)
+
+
+def sequences_problem(seqs: Sequences, *, vocab_size: int, labelled: bool | None = None,
+                      seq_ids: np.ndarray | None = None, rows: np.ndarray | None = None) -> str | None:
+    """The first value of `seqs` that the cache contract rules out, as "row R: what" (None when
+    every value is in range); rows[i] names row i (default: i). Vectorised over whole arrays, one
+    comparison a column on the way through, so the reader can afford it on every row group.
+
+    - seq_id equals `seq_ids` (the ids the rows' places give: segment · 2^32 + part ·
+      rows_per_shard + row) when given: a duplicated or moved row is caught
+    - every row has a token; labelled rows have labels, and none when `labelled` is False
+    - input ids and teacher ids < vocab_size (a larger id indexes past the embedding)
+    - each position's teacher ids strictly ascending (the gaps decode to a set; a wrapped sum or a
+      zero gap would put one id twice)
+    - probability codes in [1, PROB_LEVELS] (a 0 code is no probability the encoder writes)
+    - decoded probabilities + residual sum to 1 within MASS_TOLERANCE (every uint16 is a valid
+      residual code; only its balance with the probabilities can be wrong)
+    """
+    name = (lambda i: int(i)) if rows is None else (lambda i: int(rows[i]))
+    if seq_ids is not None:
+        bad = np.flatnonzero(seqs.seq_id != seq_ids)
+        if len(bad):
+            i = bad[0]
+            return (f"row {name(i)}: seq_id {int(seqs.seq_id[i])}, where its place in the unit gives {int(seq_ids[i])}"
+                    f" (a row duplicated, moved or from elsewhere)")
+    lens = np.diff(seqs.tok_off)
+    bad = np.flatnonzero(lens < 1)
+    if len(bad):
+        return f"row {name(bad[0])}: an empty sequence"
+    if labelled is not None:
+        bad = np.flatnonzero(seqs.has_teacher != labelled)
+        if len(bad):
+            return f"row {name(bad[0])}: " + ("no teacher labels in a labelled unit" if labelled
+                                               else "teacher labels in an unlabelled unit")
+    ids = seqs.input_ids
+    if len(ids) and int(ids.max()) >= vocab_size:
+        j = int(np.argmax(ids >= vocab_size))
+        i = _row_of(seqs.tok_off, j)
+        return f"row {name(i)}: input id {int(ids[j])} at token {j - int(seqs.tok_off[i])} is >= the vocabulary size {vocab_size}"
+    tk = seqs.teacher_topk_ids
+    if tk is None or not len(tk):
+        return None
+
+    def at(p: int) -> str:
+        i = _row_of(seqs.pos_off, p)
+        return f"row {name(i)} position {p - int(seqs.pos_off[i])}"
+
+    if tk.shape[1] > 1 and not (tk[:, 1:] > tk[:, :-1]).all():
+        p = int(np.argmax(~(tk[:, 1:] > tk[:, :-1]).all(axis=1)))
+        return f"{at(p)}: teacher ids {tk[p].tolist()} are not strictly ascending (corrupt id gaps)"
+    if int(tk[:, -1].max()) >= vocab_size:
+        p = int(np.argmax(tk[:, -1] >= vocab_size))
+        return f"{at(p)}: teacher id {int(tk[p, -1])} is >= the vocabulary size {vocab_size}"
+    q = seqs.teacher_topk_probs
+    if int(q.min()) < 1 or int(q.max()) > PROB_LEVELS:
+        p = int(np.argmax(((q < 1) | (q > PROB_LEVELS)).any(axis=1)))
+        return f"{at(p)}: probability codes {q[p].tolist()} outside [1, {PROB_LEVELS}]"
+    qi = q.astype(np.int32)  # sum_j q_j² <= k · 1023² fits int32 for any k below 2052
+    mass = (qi * qi).sum(axis=1) * (1.0 / PROB_LEVELS ** 2) + decode_residual(seqs.teacher_residual)
+    off = np.abs(mass - 1.0) > MASS_TOLERANCE
+    if off.any():
+        p = int(np.argmax(off))
+        return (f"{at(p)}: its {tk.shape[1]} probabilities and residual sum to {float(mass[p]):.4f}, not 1"
+                f" (probability codes {q[p].tolist()}, residual code {int(seqs.teacher_residual[p])})")
+    return None
 
 
 def concat_sequences(parts: list[Sequences]) -> Sequences:
@@ -749,13 +872,44 @@ class CacheUnit:
         if fingerprint is not None and self.manifest["fingerprint"] != fingerprint:
             raise CacheError(f"{self.path}: holds unit {self.manifest['fingerprint'][:16]}, "
                              f"expected {fingerprint[:16]} (a folder copied under another unit's name?)")
+        self._hashed = _Once()
 
     @classmethod
-    def from_manifest(cls, path: Path, manifest: dict) -> "CacheUnit":
-        """A unit whose manifest is still in memory (the finalize step reads it before writing it)."""
+    def from_manifest(cls, path: Path, manifest: dict, hashed: bool = False) -> "CacheUnit":
+        """A unit whose manifest is still in memory (the finalize step reads it before writing it);
+        `hashed`: its sha256s were computed from these very files a moment ago (not hashed again)."""
         unit = object.__new__(cls)
-        unit.path, unit.manifest = Path(path), manifest
+        unit.path, unit.manifest, unit._hashed = Path(path), manifest, _Once()
+        if hashed:
+            for sh in manifest["shards"]:
+                unit._hashed.run(sh["file"], lambda: None)
         return unit
+
+    def require_sha256(self, entry: dict) -> None:
+        """Raise a CacheError unless the shard's bytes hash to its manifest sha256. Hashed once per
+        unit object, on first use, by whichever thread needs it first (the others wait): every reader
+        over one TeacherCache shares its units, so Stage 2 reads each shard's bytes once to hash it,
+        when it first needs the shard, instead of all of them before the first step."""
+        path = self.path / entry["file"]
+
+        def check() -> None:
+            try:
+                digest = sha256_path(path)
+            except OSError as e:
+                raise CacheError(f"{path}: cannot read this shard ({e})") from None
+            if digest != entry["sha256"]:
+                raise CacheError(f"{path}: sha256 mismatch (corrupt or modified since its manifest was written); "
+                                 f"none of its rows is used")
+
+        self._hashed.run(entry["file"], check)
+
+    def first_seq_id(self, entry: dict) -> int:
+        """The seq_id of a shard's first row: its place in the unit (Stage 1's numbering)."""
+        return entry["segment"] * SEGMENT_STRIDE + entry["part"] * self.key["rows_per_shard"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest["model"]["vocab_size"]
 
     @property
     def key(self) -> dict:
@@ -801,46 +955,105 @@ class CacheUnit:
     def shard_paths(self) -> list[Path]:
         return [self.path / s["file"] for s in self.shards]
 
-    def _check_shard(self, s: dict, p: Path) -> list[str]:
-        """A shard whose bytes match is still checked against the contract: schema, k, rows, and
-        the resume record of the unit, segment and part it is listed as (one footer read)."""
+    def _check_shard(self, s: dict, p: Path, last_part: bool) -> list[str]:
+        """A shard whose bytes match is still checked against the contract from its footer alone:
+        schema, k, rows, each row group's seq_id range (from the footer's statistics) and the resume
+        record of the unit, segment and part it is listed as, whose own facts (rows, val_rows, the
+        segment's end) must be the shard's and the manifest's."""
         try:
             pf = pq.ParquetFile(p)
             schema = pf.schema_arrow
         except Exception as e:
             return [f"{s['file']}: unreadable Parquet ({e})"]
         out = []
-        if pf.metadata.num_rows != s["rows"]:
-            out.append(f"{s['file']}: {pf.metadata.num_rows} rows, manifest says {s['rows']}")
-        vocab = self.manifest["model"].get("vocab_size")
-        want = arrow_schema(self.k, vocab if isinstance(vocab, int) else 1 << 16)
+        md = pf.metadata
+        if md.num_rows != s["rows"]:
+            out.append(f"{s['file']}: {md.num_rows} rows, manifest says {s['rows']}")
+        want = arrow_schema(self.k, self.vocab_size)
         got = schema.remove_metadata()
         if not got.equals(want):
             bad = [f.name for f in want if f.name not in got.names or got.field(f.name) != f]
             out.append(f"{s['file']}: schema differs from the cache contract (k = {self.k}) in {', '.join(bad) or 'fields'}")
         try:
             res = json.loads((schema.metadata or {})[RESUME_KEY])
-        except (KeyError, ValueError):
+        except (KeyError, ValueError, RecursionError):
+            res = {}
+        if not isinstance(res, dict):
             res = {}
         if (res.get("unit"), res.get("segment"), res.get("part")) != (self.manifest["fingerprint"], s["segment"], s["part"]):
             out.append(f"{s['file']}: its resume record does not name this unit's segment {s['segment']} "
                        f"part {s['part']} (a shard from elsewhere?)")
+            return out
+        out += [f"{s['file']}: {q}" for q in record_problems(res, md.num_rows, s.get("val_rows"), last_part)]
+        if out:
+            return out
+        first = self.first_seq_id(s)
+        idx = schema.get_field_index(SEQ_ID)
+        row = 0
+        for g in range(md.num_row_groups):
+            rg = md.row_group(g)
+            st = rg.column(idx).statistics if idx >= 0 else None
+            if st is not None and st.has_min_max and (st.min, st.max) != (first + row, first + row + rg.num_rows - 1):
+                out.append(f"{s['file']}: rows {row}-{row + rg.num_rows - 1} have seq_ids {st.min}..{st.max}, where "
+                           f"their place in the unit gives {first + row}..{first + row + rg.num_rows - 1} "
+                           f"(rows duplicated, moved or from elsewhere)")
+                break
+            row += rg.num_rows
         return out
 
-    def verify(self, progress=None) -> list[str]:
-        """Check every shard's existence, size, sha256, schema and row count; return the problems (empty = ok)."""
+    def _check_rows(self, s: dict, p: Path) -> list[str]:
+        """Every value of a shard against the contract (`sequences_problem`) and its rows against
+        its resume record (`table_record_problems`): the whole shard read and decoded."""
+        try:
+            t = pq.read_table(p)
+            rec = json.loads(t.schema.metadata[RESUME_KEY])
+        except Exception as e:
+            return [f"{s['file']}: unreadable Parquet ({e})"]
+        out = [f"{s['file']}: {q}" for q in table_record_problems(t, rec, self.first_seq_id(s))]
+        try:
+            seqs = sequences_from_tables([t], Path(s["file"]), self.k)
+        except CacheError as e:
+            return out + [str(e)]
+        if seqs is not None:
+            problem = sequences_problem(seqs, vocab_size=self.vocab_size, labelled=self.labelled)
+            if problem:
+                out.append(f"{s['file']}: {problem}")
+        return out
+
+    def verify(self, progress=None, *, checksums: bool = True, contents: bool = True) -> list[str]:
+        """Check the unit; return the problems (empty = ok). Always: every shard's existence, size,
+        schema, rows, seq_id ranges and resume record (footers only), the parts of each segment
+        (0..n-1, only the last ends it), files not listed, totals. `checksums`: every shard's sha256.
+        `contents`: every shard read and every value checked (`_check_rows`). Stage 2 opens a cache
+        with neither: its reader hashes each shard and checks each row group's values when it first
+        reads them, before any of them reaches a step."""
         problems = []
         prefix = f"{UNITS_DIR}/{self.path.name}/"
+        last = {}
+        for s in self.manifest["shards"]:
+            last[s["segment"]] = max(last.get(s["segment"], -1), s["part"])
+        for seg in sorted(last):
+            parts = sorted(s["part"] for s in self.manifest["shards"] if s["segment"] == seg)
+            if parts != list(range(len(parts))):
+                problems.append(f"{prefix}{MANIFEST}: segment {seg} lists parts {parts[:20]}, not 0..{len(parts) - 1} "
+                                f"(a part missing or listed twice)")
         for s in self.manifest["shards"]:
             p = self.path / s["file"]
             if not p.is_file():
                 problems.append(f"{prefix}{s['file']}: missing")
             elif p.stat().st_size != s["bytes"]:
                 problems.append(f"{prefix}{s['file']}: {p.stat().st_size} bytes, manifest says {s['bytes']}")
-            elif sha256_path(p) != s["sha256"]:
-                problems.append(f"{prefix}{s['file']}: sha256 mismatch (corrupt or modified)")
             else:
-                problems += [prefix + q for q in self._check_shard(s, p)]
+                try:
+                    if checksums:
+                        self.require_sha256(s)
+                except CacheError:
+                    problems.append(f"{prefix}{s['file']}: sha256 mismatch (corrupt or modified)")
+                else:
+                    found = self._check_shard(s, p, s["part"] == last[s["segment"]])
+                    if contents and not found:
+                        found = self._check_rows(s, p)
+                    problems += [prefix + q for q in found]
             if progress:
                 progress(1)
         # an entry removed from the manifest would silently drop its rows from training
@@ -855,10 +1068,110 @@ class CacheUnit:
         return problems
 
     def load(self, split: str, columns_teacher: bool = True) -> Sequences | None:
-        """Every row of `split` as flat numpy arrays (None when the unit has none)."""
-        cols = [SEQ_ID, CORPUS, SUBSET, INPUT_IDS] + (list(TEACHER_COLUMNS) if columns_teacher else [])
-        tables = [pq.read_table(p, columns=cols, filters=[(SPLIT, "=", split)]) for p in self.shard_paths]
-        return sequences_from_tables(tables, self.path, self.k)
+        """Every row of `split` as flat numpy arrays (None when the unit has none); each shard's
+        sha256 and values are checked as it is read (a CacheError names the shard and row)."""
+        cols = [SEQ_ID, CORPUS, SUBSET, INPUT_IDS, SPLIT] + (list(TEACHER_COLUMNS) if columns_teacher else [])
+        parts = []
+        for s in self.shards:
+            p = self.path / s["file"]
+            self.require_sha256(s)
+            t = pq.read_table(p, columns=cols)
+            rows = np.flatnonzero(np.asarray(t.column(SPLIT).to_numpy(zero_copy_only=False), dtype=object) == split)
+            if not len(rows):
+                continue
+            seqs = sequences_from_tables([t.drop_columns([SPLIT]).take(rows)], p, self.k, rows)
+            problem = sequences_problem(seqs, vocab_size=self.vocab_size,
+                                        labelled=self.labelled if columns_teacher else None,
+                                        seq_ids=self.first_seq_id(s) + rows, rows=rows)
+            if problem:
+                raise CacheError(f"{p}: {problem}")
+            parts.append(seqs)
+        return concat_sequences(parts) if parts else None
+
+
+def record_problems(rec: dict, rows: int, val_rows, last_part: bool | None) -> list[str]:
+    """What a shard's resume record claims that its footer or its manifest entry contradicts: its
+    row count, its per-split counts (rows), its val_rows, and whether it ends its segment
+    (`last_part`, when known). Stage 1 trusts these records to resume and to write the manifest."""
+    out = []
+    if not isinstance(rec.get("end"), bool) or not isinstance(rec.get("state"), dict):
+        out.append("its resume record lacks its end flag or its packer state")
+    if rec.get("rows") != rows:
+        out.append(f"its resume record says {rec.get('rows')} rows, the shard holds {rows}")
+    counts = rec.get("counts")
+    try:
+        counted = sum(int(c[0]) for c in counts.values())
+    except (AttributeError, TypeError, ValueError, IndexError, KeyError):
+        counted = None
+    if counted != rows:
+        out.append(f"its resume record counts {counted} rows by split, the shard holds {rows}")
+    if val_rows is not None and rec.get("val_rows") != val_rows:
+        out.append(f"its resume record puts rows {rec.get('val_rows')} in val, the manifest says {val_rows}")
+    if last_part is not None and rec.get("end") is not last_part:
+        out.append("its resume record says it " + ("ends" if rec.get("end") else "does not end")
+                   + " its segment, the manifest lists " + ("no later part" if last_part else "later parts"))
+    return out
+
+
+def table_record_problems(t: pa.Table, rec: dict, first_seq_id: int) -> list[str]:
+    """What a shard's rows (a table with its seq_id, split and input_ids columns) contradict in its
+    resume record: the row count, seq_ids first_seq_id, first_seq_id + 1, ... (its place in the
+    unit: a row copied from another part carries another's), val_rows, and the per-split row and
+    token counts. Stage 1 resumes from and writes the manifest with these records, so a forged
+    one must not be believed; a list of "row R: what" / "what" problems (empty = consistent)."""
+    n = t.num_rows
+    out = record_problems(rec, n, None, None)
+    seq = t.column(SEQ_ID).to_numpy()
+    bad = np.flatnonzero(seq != first_seq_id + np.arange(n))
+    if len(bad):
+        i = int(bad[0])
+        out.append(f"row {i}: seq_id {int(seq[i])}, where its place in the unit gives {first_seq_id + i}"
+                   f" (a row duplicated, moved or from elsewhere)")
+    split = np.asarray(t.column(SPLIT).to_numpy(zero_copy_only=False), dtype=object)
+    odd = np.flatnonzero((split != "train") & (split != "val"))
+    if len(odd):
+        out.append(f"row {int(odd[0])}: split {split[odd[0]]!r} is neither train nor val")
+    val = np.flatnonzero(split == "val").tolist()
+    if rec.get("val_rows") != val:
+        out.append(f"its split column puts rows {val[:20]} in val, its resume record says {str(rec.get('val_rows'))[:80]}")
+    lens = pc.list_value_length(t.column(INPUT_IDS)).to_numpy(zero_copy_only=False)
+    counts = rec.get("counts") if isinstance(rec.get("counts"), dict) else {}
+    for sp in ("train", "val"):
+        have = [int((split == sp).sum()), int(lens[split == sp].sum())]
+        if counts.get(sp) != have:
+            out.append(f"its resume record counts {counts.get(sp)} {sp} [rows, tokens], the shard holds {have}")
+    return out
+
+
+def shard_record_problems(path: Path, rec: dict, first_seq_id: int) -> list[str]:
+    """`table_record_problems` for a shard file (reads its seq_id, split and input_ids columns)."""
+    try:
+        t = pq.read_table(path, columns=[SEQ_ID, SPLIT, INPUT_IDS])
+    except Exception as e:  # a torn or foreign file
+        return [f"unreadable Parquet ({e})"]
+    return table_record_problems(t, rec, first_seq_id)
+
+
+class _Once:
+    """Run a check at most once per key, whatever the threads: the first caller runs it, the others
+    wait for its outcome; a failure is kept and raised again to every later caller."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._done: dict[str, Future] = {}
+
+    def run(self, key: str, fn) -> None:
+        with self._lock:
+            fut = self._done.get(key)
+            mine = fut is None
+            if mine:
+                fut = self._done[key] = Future()
+        if mine:
+            try:
+                fut.set_result(fn())
+            except BaseException as e:
+                fut.set_exception(e)
+        fut.result()
 
 
 def sets_using(root: Path) -> dict[str, list[str]]:
@@ -870,7 +1183,7 @@ def sets_using(root: Path) -> dict[str, list[str]]:
             m = json.loads(mf.read_text())
             for u in m.get("units", []):
                 users.setdefault(Path(u["dir"]).name, []).append(mf.parent.name)
-        except (OSError, ValueError, TypeError, KeyError):
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
             continue
     return users
 
@@ -926,8 +1239,9 @@ class TeacherCache:
     def shard_count(self) -> int:
         return sum(u.shard_count for u in self.units)
 
-    def verify(self, progress=None) -> list[str]:
-        """Every unit's checks (see CacheUnit.verify), and each unit against the set's model and k."""
+    def verify(self, progress=None, *, checksums: bool = True, contents: bool = True) -> list[str]:
+        """Every unit's checks (see CacheUnit.verify: `checksums` and `contents` as there), and each
+        unit against the set's model, k and vocabulary (the readers check ids against the set's)."""
         problems = []
         key = self.manifest["key"]
         for u in self.units:
@@ -935,13 +1249,18 @@ class TeacherCache:
             for name in ("model_fingerprint", "tokenizer_fingerprint", "top_k"):
                 if uk[name] != key[name]:
                     problems.append(f"{UNITS_DIR}/{u.path.name}: {name} {str(uk[name])[:12]} != the set's {str(key[name])[:12]}")
-            problems += u.verify(progress)
+            if u.vocab_size != self.vocab_size:
+                problems.append(f"{UNITS_DIR}/{u.path.name}: vocab_size {u.vocab_size} != the set's {self.vocab_size}")
+            problems += u.verify(progress, checksums=checksums, contents=contents)
         return problems
 
-    def check_compatible(self, *, model_fp: str, tokenizer_fp: str, k: int) -> None:
-        """Refuse a cache made by another model, tokenizer or k than the run's."""
+    def check_compatible(self, *, model_fp: str, tokenizer_fp: str, k: int, vocab_size: int | None = None) -> None:
+        """Refuse a cache made by another model, tokenizer, k or vocabulary than the run's (a cache
+        whose ids may reach past the run's vocabulary would index past its embedding)."""
         key = self.manifest["key"]
         problems = []
+        if vocab_size is not None and self.vocab_size > vocab_size:
+            problems.append(f"vocab_size {self.vocab_size} > the run model's {vocab_size}")
         if key["model_fingerprint"] != model_fp:
             problems.append(f"model fingerprint {key['model_fingerprint'][:12]} != run's {model_fp[:12]}")
         if key["tokenizer_fingerprint"] != tokenizer_fp:

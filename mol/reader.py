@@ -8,6 +8,12 @@ groups, filled on demand and ahead of time by a background thread, so peak memor
 on the corpus and a DDP rank decodes only the row groups that hold its own sequences. Row order is
 TeacherCache.load's (units in config order, shards and rows in file order), so the same DataPlan
 indices name the same sequences either way.
+
+Nothing decoded reaches a caller unchecked: before a shard's first row group is decoded its bytes
+are hashed against the manifest's sha256 (once per shard, shared by every reader over one
+TeacherCache: the cache's units keep the outcome), and every decoded row group is checked against
+the contract (`cache.sequences_problem`: seq_ids, id ranges, probability codes, mass). A failure is
+a CacheError naming the shard and the row, raised to the caller that needed the row.
 """
 
 from __future__ import annotations
@@ -27,10 +33,16 @@ class StreamingSequences:
     gives), `prefetch(indices)`, and per-row `corpus`, `subset`, `has_teacher` arrays."""
 
     def __init__(self, cache: C.TeacherCache, split: str, corpus: str | None = None,
-                 max_cache_bytes: int = 256 << 20, prefetch_threads: int = 1):
+                 max_cache_bytes: int = 256 << 20, prefetch_threads: int = 1, check_sha256: bool = True,
+                 check_values: bool = True):
+        """`check_sha256`, `check_values` (see the module's docstring) are on in every use; off only
+        to measure what they cost (mol.bench)."""
         self.k = cache.k
+        self.vocab_size = cache.vocab_size
+        self.check_sha256, self.check_values = check_sha256, check_values
         self.max_cache_bytes = max_cache_bytes
-        self.groups: list[tuple[str, int, C.CacheUnit]] = []  # (shard path, row group, unit)
+        # (shard path, row group, unit, shard entry, the group's first row in the shard)
+        self.groups: list[tuple[str, int, C.CacheUnit, dict, int]] = []
         gid, row, unit_of = [], [], []
         units = [u for u in cache.units if corpus in (None, u.corpus)]
         for ui, u in enumerate(units):
@@ -43,7 +55,7 @@ class StreamingSequences:
                         gid.append(np.full(len(local), len(self.groups), np.int32))
                         row.append(local.astype(np.int32))
                         unit_of.append(np.full(len(local), ui, np.int16))
-                        self.groups.append((str(path), g, u))
+                        self.groups.append((str(path), g, u, sh, first))
         if not gid:
             raise C.CacheError(f"{cache.path}: no {split} rows" + (f" for corpus {corpus}" if corpus else ""))
         self._gid, self._row = np.concatenate(gid), np.concatenate(row)
@@ -92,11 +104,22 @@ class StreamingSequences:
             return pf
 
     def _decode(self, g: int) -> C.Sequences:
-        path, rg, unit = self.groups[g]
+        path, rg, unit, entry, first = self.groups[g]
+        if self.check_sha256:
+            unit.require_sha256(entry)
         # one thread a decode: the row group is small, and the prefetch thread runs beside the trainer
-        table = self._file(path).read_row_group(rg, columns=[C.SEQ_ID, C.CORPUS, C.SUBSET, C.INPUT_IDS,
-                                                             *C.TEACHER_COLUMNS], use_threads=False)
-        seqs = C.sequences_from_tables([table], unit.path, self.k)
+        try:
+            table = self._file(path).read_row_group(rg, columns=[C.SEQ_ID, C.CORPUS, C.SUBSET, C.INPUT_IDS,
+                                                                 *C.TEACHER_COLUMNS], use_threads=False)
+        except (OSError, ValueError, IndexError) as e:  # pyarrow's errors for a file not as its footer says
+            raise C.CacheError(f"{path}: row group {rg} cannot be read ({e})") from None
+        rows = first + np.arange(table.num_rows)
+        seqs = C.sequences_from_tables([table], path, self.k, rows)
+        if self.check_values:
+            problem = C.sequences_problem(seqs, vocab_size=self.vocab_size, labelled=unit.labelled,
+                                          seq_ids=unit.first_seq_id(entry) + rows, rows=rows)
+            if problem:
+                raise C.CacheError(f"{path}: {problem}; not training on it")
         with self._lock:
             self.decoded_groups += 1
             self._sizes[g] = sum(a.nbytes for a in (seqs.input_ids, seqs.teacher_topk_ids, seqs.teacher_topk_probs,

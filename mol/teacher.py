@@ -106,7 +106,7 @@ def _input_errors():
         raise CorpusError(f"{e.filename}: cannot read ({e.strerror})") from None
 
 
-def _config_vocab_size(model_path: Path, tokenizer) -> int:
+def config_vocab_size(model_path: Path, tokenizer) -> int:
     """Vocabulary size from the tokenizer and the model's config.json, without loading weights."""
     n = len(tokenizer)
     try:
@@ -177,7 +177,7 @@ def _prepare(cfg: MolConfig):
     tokenizer = load_tokenizer(model_path)
     k = cfg.teacher.top_k
     # checked before hashing, packing or loading anything: the top-k must leave a residual bucket
-    vocab = _config_vocab_size(model_path, tokenizer)
+    vocab = config_vocab_size(model_path, tokenizer)
     if k >= vocab:
         raise ConfigError([f"teacher.top_k = {k} must be < the model's vocabulary size {vocab}"])
     with _input_errors():
@@ -272,19 +272,27 @@ def _segment_progress(unit: C.ResolvedUnit, segment: int) -> tuple[int, dict | N
 
     Parts are renamed by parallel writer threads, so a kill can leave part p+1 without part p:
     the pass resumes after the contiguous prefix (and rewrites the same bytes after it). A shard
-    whose resume record does not name this unit, segment and part is refused, never trusted."""
+    whose resume record does not name this unit, segment and part, or whose rows contradict its
+    record (row count, seq_ids, splits, counts: a record forged or copied from another shard), is
+    refused, never trusted. The prefix ends at the part that ends the segment: a file after it is
+    no part of the segment (the finalize refuses it)."""
     parts = sorted(p for p in (C.parse_shard_name(f.name) for f in unit.dir.glob(f"shard-{segment:05d}-*.parquet"))
                    if p is not None)
     nxt, last = 0, None
     for seg, part in parts:
-        if part != nxt:
+        if part != nxt or (last is not None and last.get("end")):
             break
         path = unit.dir / C.shard_name(seg, part)
         rec = C.shard_resume(path)
-        if rec is None or (rec.get("unit"), rec.get("segment"), rec.get("part")) != (unit.fingerprint, seg, part):
+        if not isinstance(rec, dict) or (rec.get("unit"), rec.get("segment"), rec.get("part")) != (unit.fingerprint, seg, part):
+            said = (str(rec.get("unit"))[:16], rec.get("segment"), rec.get("part")) if isinstance(rec, dict) else None
             raise C.CacheError(f"{path}: not a shard this pass wrote for unit {unit.fingerprint[:16]} segment {seg} "
-                               f"part {part} (its resume record says {None if rec is None else (str(rec.get('unit'))[:16], rec.get('segment'), rec.get('part'))}); "
-                               f"remove it and run again")
+                               f"part {part} (its resume record says {said}); remove it and run again")
+        first = seg * C.SEGMENT_STRIDE + part * unit.key["rows_per_shard"]
+        problems = C.shard_record_problems(path, rec, first)
+        if problems:
+            raise C.CacheError(f"{path}: its rows contradict its resume record ({'; '.join(problems[:3])}); "
+                               f"not resuming from it: remove it and run again")
         nxt, last = part + 1, rec
     return nxt, last
 
@@ -378,7 +386,7 @@ def _label_segment(cfg: MolConfig, unit: C.ResolvedUnit, segment: Segment, label
     for p in unit.dir.glob(f"shard-{segment.index:05d}-*.parquet.tmp*"):  # a killed writer's leftovers
         p.unlink(missing_ok=True)
     part, last = _segment_progress(unit, segment.index)
-    if last is not None and last["end"]:
+    if last is not None and last.get("end"):
         return 0, True  # written by an earlier pass that stopped before the unit's manifest
     packer = SegmentPacker(unit.source, cfg.data, tokenizer, cfg.model.chat_template_kwargs, segment,
                            source_caps(unit.source, cfg.data), None if last is None else last["state"])
@@ -524,7 +532,7 @@ def _unit_shards(u: C.ResolvedUnit, segments: list[Segment], n_workers: int, fir
     out, missing = [], []
     for j, seg in enumerate(segments):
         nxt, last = _segment_progress(u, seg.index)
-        if last is None or not last["end"]:
+        if last is None or not last.get("end"):
             missing.append(f"{C.UNITS_DIR}/{u.name} segment {seg.index}: {nxt} part(s) written, not finished "
                            f"(worker {(first_item + j) % n_workers})")
             continue
@@ -545,6 +553,12 @@ def _finalize_unit(cfg: MolConfig, u: C.ResolvedUnit, tokenizer, labeller: "_Lab
     if segments is None:
         segments = source_segments(u.source, cfg.data)
     shards = _unit_shards(u, segments, n_workers, first_item)
+    listed = {C.shard_name(seg, part) for seg, part, _ in shards}
+    stray = sorted(p.name for p in u.dir.glob(C.SHARD_GLOB) if p.name not in listed)
+    if stray:  # verify would refuse the unit for it on every later use: refuse it now, naming it
+        raise C.CacheError(f"{u.dir / stray[0]}: a shard file that is no part of this unit's segments "
+                           + (f"(and {len(stray) - 1} more: {', '.join(stray[1:6])}) " if len(stray) > 1 else "")
+                           + "(left from another pass, or copied here); no manifest written: remove it and run again")
     report = None
     counts = {sp: {"sequences": 0, "tokens": 0} for sp in ("train", "val")}
     resid = {"sum": 0.0, "n": 0, "below_floor": 0, "fp16_zero": 0, "fp16_subnormal": 0}
@@ -582,7 +596,7 @@ def _finalize_unit(cfg: MolConfig, u: C.ResolvedUnit, tokenizer, labeller: "_Lab
             log.info("fidelity not measured: the %s backend holds no transformers model (the finalize step of a "
                      "sharded pass measures it with one)", cfg.teacher.backend)
         else:
-            fidelity = measure_fidelity(probe, C.CacheUnit.from_manifest(u.dir, manifest),
+            fidelity = measure_fidelity(probe, C.CacheUnit.from_manifest(u.dir, manifest, hashed=True),
                                         cfg.teacher.fidelity_sequences, cfg.teacher.chunk_positions, device)
             manifest = C.unit_manifest(**facts, fidelity=fidelity)
     C.write_card(u.dir, manifest)

@@ -25,6 +25,9 @@ import sys
 import time
 from pathlib import Path
 
+import json
+
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -150,6 +153,50 @@ def check_cache_state(cache_dir: Path, ref: dict) -> dict:
         assert C.TeacherCache(cache_dir).verify() == []
     tmp = [p for p in _units_root(cache_dir).glob("*/*.tmp*")] + list(cache_dir.glob("*.tmp*"))
     return {"shards": len(present), "tmp": bool(tmp), "manifest": has_manifest}
+
+
+def shard_data(path: Path) -> tuple[C.ShardData, int, int]:
+    """A shard's rows as the writer's ShardData (teacher ids as the stored gaps, footer metadata
+    kept), with its k and a vocabulary size of its id width."""
+    t = pq.read_table(path)
+    k = t.schema.field(C.TOPK_IDS).type.value_type.list_size
+    vocab = 1 << 16 if str(t.schema.field(C.INPUT_IDS).type.value_type) == "uint16" else 1 << 32
+    ids = t.column(C.INPUT_IDS).combine_chunks()
+    d = C.ShardData(seq_id=t.column(C.SEQ_ID).to_numpy().copy(), corpus=t.column(C.CORPUS)[0].as_py(),
+                    subset=t.column(C.SUBSET)[0].as_py(), split=t.column(C.SPLIT).to_pylist(),
+                    input_ids=ids.flatten().to_numpy().copy(), tok_off=ids.offsets.to_numpy().astype(np.int64),
+                    metadata=dict(t.schema.metadata))
+    if t.column(C.RESIDUAL).null_count == 0:
+        d.topk_ids = t.column(C.TOPK_IDS).combine_chunks().flatten().flatten().to_numpy().reshape(-1, k).copy()
+        d.topk_probs = t.column(C.TOPK_PROBS).combine_chunks().flatten().flatten().to_numpy().reshape(-1, k).copy()
+        d.residual = t.column(C.RESIDUAL).combine_chunks().flatten().to_numpy().copy()
+    return d, k, vocab
+
+
+def rewrite_shard(path: Path, edit, target: Path | None = None) -> None:
+    """Write the shard at `path` again (to `target`, default in place) with `edit(ShardData)` applied:
+    values changed behind a shard's back, as a hand or a bug would, in a valid Parquet file."""
+    d, k, vocab = shard_data(path)
+    rows_per_group = pq.ParquetFile(path).metadata.row_group(0).num_rows
+    edit(d)
+    C.write_shard(target or path, C.shard_table(d, k, vocab), 6, row_group_rows=rows_per_group)
+
+
+def vouch_for(shard: Path) -> None:
+    """Make the unit manifest vouch for a shard's current bytes (size and sha256): only the checks
+    beyond the checksum can then catch what was done to it."""
+    mf = shard.parent / C.MANIFEST
+    m = json.loads(mf.read_text())
+    entry = next(s for s in m["shards"] if s["file"] == shard.name)
+    entry.update(bytes=shard.stat().st_size, sha256=C.sha256_path(shard))
+    mf.write_text(json.dumps(m))
+
+
+def forge_resume(d: C.ShardData, **fields) -> None:
+    """Edit a ShardData's resume record (its footer's `mol.resume`)."""
+    rec = json.loads(d.metadata[C.RESUME_KEY])
+    rec.update(fields)
+    d.metadata[C.RESUME_KEY] = json.dumps(rec).encode()
 
 
 def assert_complete_like(cache_dir: Path, ref: dict) -> None:

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import assert_sqrt_grid, cache_shards, cache_units
+from faults_kit import rewrite_shard, vouch_for
 from mol import cache as C
 
 
@@ -74,6 +75,68 @@ def test_verify_names_the_bad_shard(built):
     assert any(shards[2].name in p and "missing" in p for p in problems)
 
 
+def _last_gap_to(d: C.ShardData, p: int, top: int) -> None:
+    """Position p's largest teacher id becomes `top` (through its stored gap)."""
+    d.topk_ids[p, -1] = top - int(d.topk_ids[p, :-1].astype(np.int64).sum())
+
+
+# (id, what is done to the domain unit's first shard, text every check must name)
+TAMPERED = [
+    ("input-id-past-vocab", lambda d: d.input_ids.__setitem__(50, 60000), "row 1: input id 60000 at token 2"),
+    ("teacher-id-past-vocab", lambda d: _last_gap_to(d, 3, 49160), "row 0 position 3: teacher id 49160 is >= the vocabulary size 49152"),
+    ("teacher-ids-wrap", lambda d: d.topk_ids.__setitem__((4, 1), 65535), "row 0 position 4: teacher ids"),
+    ("zero-prob-codes", lambda d: d.topk_probs.__setitem__(slice(None), 0), "row 0 position 0: probability codes [0, 0, 0, 0, 0] outside [1, 1023]"),
+    ("mass-off", lambda d: d.residual.__setitem__(slice(None), 0), "sum to"),
+    ("duplicated-row", lambda d: d.seq_id.__setitem__(1, d.seq_id[0]), "row 1: seq_id 0, where its place in the unit gives 1"),
+]
+
+
+@pytest.mark.parametrize("edit,text", [c[1:] for c in TAMPERED], ids=[c[0] for c in TAMPERED])
+def test_values_a_valid_checksum_vouches_for_are_checked(built, edit, text):
+    """A shard rewritten with out-of-contract values and its manifest fixed up to its sha256: verify
+    names the shard and the row; the in-memory reader refuses it the same way (was: verify ok, then
+    an IndexError mid-training, or a KL of 26.9 trained on)."""
+    _, cache_dir = built
+    shard = cache_units(cache_dir)[0] / C.shard_name(0, 0)
+    rewrite_shard(shard, edit)
+    vouch_for(shard)
+    cache = C.TeacherCache(cache_dir)
+    problems = cache.verify()
+    assert any(p.startswith(f"units/{shard.parent.name}/{shard.name}: ") and text in p for p in problems), problems
+    with pytest.raises(C.CacheError, match=f"{shard.name}: "):
+        for sp in ("train", "val"):
+            cache.load(sp, "domain")
+
+
+def test_a_deeply_nested_manifest_is_a_cache_error(built):
+    """Valid JSON nested past the parser's stack (was: a RecursionError traceback)."""
+    _, cache_dir = built
+    (cache_dir / C.MANIFEST).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(C.CacheError, match="unreadable manifest"):
+        C.TeacherCache(cache_dir)
+    (cache_dir / C.MANIFEST).write_text('{"units": ' + "[" * 100_000)
+    with pytest.raises(C.CacheError, match="unreadable manifest"):
+        C.TeacherCache(cache_dir)
+
+
+@pytest.mark.parametrize("field,value,text", [
+    ("val_rows", [7], "val_rows is not an ascending list of row indices below"),
+    ("val_rows", ["0"], "val_rows is not an ascending list"),
+    ("rows_per_group", 0, "rows_per_group 0 is not a positive integer"),
+    ("rows", -1, "negative rows"),
+])
+def test_a_manifest_the_reader_could_not_index_with_is_refused(built, field, value, text):
+    """Shard entries the reader builds its index from, out of range (was: an IndexError or a
+    ValueError traceback from StreamingSequences' index; a negative count accepted)."""
+    _, cache_dir = built
+    unit = cache_units(cache_dir)[0]
+    m = json.loads((unit / C.MANIFEST).read_text())
+    m["shards"][0][field] = value
+    (unit / C.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(C.CacheError, match=f"malformed manifest: shards\\[0\\]: {text}"):
+        C.TeacherCache(cache_dir)
+
+
 def test_mismatched_cache_is_refused(built):
     _, cache_dir = built
     cache = C.TeacherCache(cache_dir)
@@ -89,7 +152,7 @@ def _unit(corpus: str, subset: str, counts: dict, shard_bytes: list[int], resid_
           fidelity: dict | None = None) -> dict:
     """A unit manifest assembled by the cache module from made-up facts (no teacher pass)."""
     key = {"model_fingerprint": "m" * 64, "tokenizer_fingerprint": "t" * 64, "top_k": 4, "labelled": True,
-           "source": {"corpus": corpus, "subset": subset}}
+           "rows_per_shard": 2, "source": {"corpus": corpus, "subset": subset}}
     per_shard = (counts["train"]["tokens"] + counts["val"]["tokens"]) // len(shard_bytes)
     shards = [C.shard_entry(file=C.shard_name(0, p), segment=0, part=p, rows=2, tokens=per_shard, bytes=b,
                             sha256="0" * 64, rows_per_group=2, val_rows=[]) for p, b in enumerate(shard_bytes)]

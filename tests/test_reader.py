@@ -65,3 +65,68 @@ def test_a_rank_decodes_only_its_own_sequences(one_row_groups):
         assert sum(x.decoded_groups for x in readers[r].values()) == len(mine[r])
         for x in readers[r].values():
             x.close()
+
+
+def test_a_shard_is_hashed_once_when_first_read_and_a_mismatch_stops_its_rows(one_row_groups, monkeypatch):
+    """Stage 2 opens a cache without hashing it; each shard is hashed when a reader first needs it,
+    once for every reader over the cache, and a shard whose bytes are not its manifest's yields no
+    row (was: every shard hashed before the first step, ~1 s a GB)."""
+    cache = one_row_groups
+    hashed = []
+    real = C.sha256_path
+    monkeypatch.setattr(C, "sha256_path", lambda p: hashed.append(p.name) or real(p))
+    unit = cache.units[0]
+    bad = unit.path / unit.shards[1]["file"]
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    train = StreamingSequences(cache, "train", "domain")
+    val = StreamingSequences(cache, "val", "domain")
+    assert hashed == []  # opening reads manifests, not shards
+    in_bad = [i for i in range(len(train)) if train.groups[train._gid[i]][0] == str(bad)]
+    fine = [i for i in range(len(train)) if train.groups[train._gid[i]][0] != str(bad)]
+    assert in_bad and fine
+    for i in fine:
+        train.row(i)
+    for i in range(len(val)):
+        try:
+            val.row(i)
+        except C.CacheError:
+            pass
+    assert sorted(hashed) == sorted(set(hashed)), "a shard hashed twice"
+    assert set(hashed) <= {s["file"] for s in unit.shards}
+    train.prefetch(in_bad)
+    with pytest.raises(C.CacheError, match=f"{bad.name}: sha256 mismatch"):
+        train.row(in_bad[0])
+    with pytest.raises(C.CacheError, match=f"{bad.name}: sha256 mismatch"):
+        train.row(in_bad[-1])
+    train.close()
+    val.close()
+
+
+def test_the_reader_refuses_values_out_of_contract(one_row_groups):
+    """Zero probability codes and an input id past the vocabulary, in a shard whose manifest vouches
+    for its sha256: the row that holds them is never handed out, and the error names the shard and
+    the row (was: decoded and trained on, KL 26.9; or an IndexError mid-run)."""
+    from faults_kit import rewrite_shard, vouch_for
+
+    unit = one_row_groups.units[1]  # general: labelled
+    shard = unit.path / unit.shards[0]["file"]
+
+    def edit(d):
+        d.topk_probs[d.tok_off[1] - 1:] = 0  # every position of row 1 on
+        d.input_ids[d.tok_off[2] + 3] = 50000
+    rewrite_shard(shard, edit)
+    vouch_for(shard)
+    cache = C.TeacherCache(one_row_groups.path)
+    seqs = StreamingSequences(cache, "train", "general")
+    # shard row -> sequence index (one row a row group: the row group's number is the row's)
+    where = {seqs.groups[seqs._gid[i]][1]: i for i in range(len(seqs)) if seqs.groups[seqs._gid[i]][0] == str(shard)}
+    if 0 in where:
+        seqs.row(where[0])  # row 0 is untouched
+    for row, text in ((1, "row 1 position 0: probability codes"), (2, "row 2: input id 50000 at token 3")):
+        if row in where:
+            with pytest.raises(C.CacheError, match=f"{shard.name}: {text}"):
+                seqs.row(where[row])
+    assert {1, 2} & set(where)
+    seqs.close()
