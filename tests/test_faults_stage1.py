@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import GEN, MED, tiny_config, write_jsonl
-from faults_kit import (assert_complete_like, check_cache_state, faults, kill_after, kill_when, ref_shards, run_stage,
-                        spawn_stage, train_section, unit_shards, write_yaml)
+from faults_kit import (assert_complete_like, check_cache_state, faults, forge_resume, kill_after, kill_when, ref_shards,
+                        rewrite_shard, run_stage, spawn_stage, train_section, unit_shards, vouch_for, write_yaml)
 from mol import cache as C
 from mol.config import load_config
 from mol.teacher import cache_lock, run_teacher_pass
@@ -269,7 +269,29 @@ def _foreign(d: Path, target: Path) -> None:
     shutil.copy(d.parent.parent / other / C.shard_name(0, 0), target)
 
 
-# (id, corruption, cache_info exit code, text in cache_info's output, text in the training error)
+def _tamper(edit):
+    """Rewrite shard part 0 with `edit` applied to its values, the manifest fixed up to its bytes."""
+    def run(d: Path) -> None:
+        rewrite_shard(_shard0(d, 0), edit)
+        vouch_for(_shard0(d, 0))
+    return run
+
+
+def _zero_probs(d: C.ShardData) -> None:
+    d.topk_probs[:] = 0
+
+
+def _past_vocab(d: C.ShardData) -> None:
+    d.input_ids[3] = 60000
+
+
+def _teacher_past_vocab(d: C.ShardData) -> None:
+    d.topk_ids[2, -1] = 49160 - int(d.topk_ids[2, :-1].astype(np.int64).sum())
+
+
+# (id, corruption, cache_info exit code, text in cache_info's output, text in the training error,
+#  refused before the run starts: False where only reading the shard can tell, which Stage 2's reader
+#  does when it first needs the shard, before any of its rows reaches a step)
 CORRUPTIONS = [
     ("flipped-bytes", lambda d: _flip(_shard0(d, 1)), 1,
      "shard-00000-00001.parquet: sha256 mismatch", "shard-00000-00001.parquet: sha256 mismatch"),
@@ -299,7 +321,21 @@ CORRUPTIONS = [
      "rebuild the cache", "rebuild the cache"),
     ("manifest-missing", lambda d: (d / C.MANIFEST).unlink(), 2,
      "no manifest.json; the teacher pass did not finish", "no complete teacher cache"),
+    ("manifest-deeply-nested", lambda d: (d / C.MANIFEST).write_text("[" * 100_000), 2,
+     "unreadable manifest (nested deeper", "unreadable manifest (nested deeper"),
+    ("input-id-past-vocab-same-checksum", _tamper(_past_vocab), 1,
+     "shard-00000-00000.parquet: row 0: input id 60000 at token 3 is >= the vocabulary size",
+     "shard-00000-00000.parquet: row 0: input id 60000 at token 3 is >= the vocabulary size"),
+    ("teacher-id-past-vocab-same-checksum", _tamper(_teacher_past_vocab), 1,
+     "shard-00000-00000.parquet: row 0 position 2: teacher id 49160",
+     "shard-00000-00000.parquet: row 0 position 2: teacher id 49160"),
+    ("zero-prob-codes-same-checksum", _tamper(_zero_probs), 1,
+     "shard-00000-00000.parquet: row 0 position 0: probability codes [0, 0, 0, 0, 0] outside [1, 1023]",
+     "shard-00000-00000.parquet: row 0 position 0: probability codes [0, 0, 0, 0, 0] outside [1, 1023]"),
 ]
+LAZY = {"flipped-bytes", "manifest-sha256", "input-id-past-vocab-same-checksum", "teacher-id-past-vocab-same-checksum",
+        "zero-prob-codes-same-checksum"}
+"""Caught by Stage 2's reader as it first reads the shard (after the run folder exists), not at open."""
 
 
 def _corrupt_copy(small, tmp: Path, case) -> Path:
@@ -327,7 +363,11 @@ def test_corrupt_cache_is_refused(small, tmp_path, capsys, case):
     with pytest.raises((TrainingError, C.CacheError)) as e:
         train(load_config(data=_train_cfg_on(small, d, tmp_path)))
     assert case[4] in str(e.value)
-    assert not (tmp_path / "runs").exists(), "training started on a bad cache"
+    runs = tmp_path / "runs"
+    if case[0] in LAZY:  # stopped at the first read of the shard: no step ever finished
+        assert not list(runs.glob("*/summary.json")) and not list(runs.glob("*/adapter"))
+    else:
+        assert not runs.exists(), "training started on a bad cache"
 
 
 @faults
@@ -338,8 +378,57 @@ def test_corrupt_cache_is_refused_cli(small, tmp_path, case):
     assert rc == case[2] and case[3] in out, out[-3000:]
     cfg = write_yaml(tmp_path / "train.yaml", _train_cfg_on(small, d, tmp_path))
     rc, out = run_stage("stages.train", [cfg, "train.run_name=x"], tmp_path / "train.log")
-    assert rc == 2 and case[4] in out, out[-3000:]
-    assert not (tmp_path / "runs").exists()
+    assert rc == 2 and case[4] in out and "Traceback" not in out, out[-3000:]
+    if case[0] not in LAZY:
+        assert not (tmp_path / "runs").exists()
+
+
+def _partial_unit(small, tmp: Path, keep_parts: int) -> tuple[Path, Path, Path]:
+    """A copy of the reference cache whose first unit holds only parts 0..keep_parts-1 and no
+    manifest (a pass killed there), and no set manifest; returns (config file, set folder, unit)."""
+    root = tmp / "cache"
+    shutil.copytree(small["ref_dir"].parent.parent, root)
+    d = root / C.SETS_DIR / small["ref_dir"].name
+    unit = _unit0(d)
+    (d / C.MANIFEST).unlink()
+    (unit / C.MANIFEST).unlink()
+    for p in unit.glob(C.SHARD_GLOB):
+        if C.parse_shard_name(p.name)[1] >= keep_parts:
+            p.unlink()
+    cfg = json.loads(json.dumps(small["cfg"]))
+    cfg["teacher"]["cache_root"] = str(root)
+    return write_yaml(tmp / "c.yaml", cfg), d, unit
+
+
+def test_a_forged_resume_record_is_not_resumed_from(small, tmp_path):
+    """Part 0 copied as part 1 with its resume record edited to name part 1: the resumed pass would
+    have blessed the copy (its rows twice, duplicate seq_ids, verify ok); it refuses it, naming it."""
+    cfg_path, d, unit = _partial_unit(small, tmp_path, 1)
+    rewrite_shard(unit / C.shard_name(0, 0), lambda x: forge_resume(x, part=1), target=unit / C.shard_name(0, 1))
+    with pytest.raises(C.CacheError, match=r"shard-00000-00001.parquet: its rows contradict its resume record "
+                                           r"\(row 0: seq_id 0, where its place in the unit gives 2"):
+        run_teacher_pass(load_config(cfg_path))
+    assert not (unit / C.MANIFEST).exists() and not (d / C.MANIFEST).exists()
+    (unit / C.shard_name(0, 1)).unlink()
+    assert run_teacher_pass(load_config(cfg_path))[1] == "resumed"
+    assert_complete_like(d, small["ref"])
+
+
+def test_a_stray_shard_past_the_resume_prefix_fails_the_pass(small, tmp_path, capsys):
+    """A shard file no segment of the unit reaches (left by another pass, copied in): Stage 1 said
+    "done" (exit 0) and every later verify refused the unit; now the pass fails at once, naming the
+    file, before the unit's manifest."""
+    from stages import teacher_cache
+
+    cfg_path, d, unit = _partial_unit(small, tmp_path, 1)
+    shutil.copy(unit / C.shard_name(0, 0), unit / C.shard_name(0, 9))
+    assert teacher_cache.main([str(cfg_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{unit / C.shard_name(0, 9)}: a shard file that is no part of this unit's segments" in err, err
+    assert "Traceback" not in err and not (unit / C.MANIFEST).exists() and not (d / C.MANIFEST).exists()
+    (unit / C.shard_name(0, 9)).unlink()
+    assert teacher_cache.main([str(cfg_path)]) == 0
+    assert_complete_like(d, small["ref"])
 
 
 # --------------------------------------------------------------------------- 4. disk full
