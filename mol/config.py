@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from .errors import MolError
+from .errors import BadPath, MissingInput, MolError
 
 CORPORA = ("domain", "general")
 # a run folder is one plain name inside train.out_dir: no separators, no leading dot, never `..`
@@ -47,6 +47,30 @@ def expand_path(p: str) -> Path:
     env.setdefault("MOL_HOME", str(mol_home()))
     expanded = p.replace("${MOL_HOME}", env["MOL_HOME"]).replace("$MOL_HOME", env["MOL_HOME"])
     return Path(os.path.expandvars(expanded)).expanduser()
+
+
+def check_path(value: str | Path, what: str, *, kind: str = "folder", must_exist: bool = False) -> Path:
+    """`value` expanded as expand_path does and checked, before any work, as the kind of path `what`
+    (a config field or an option) names: `folder` (created if missing) or `file` (written, or read
+    with must_exist). A file where a folder is due, a folder under a file, or a folder where a file
+    is due raises BadPath; a missing input MissingInput. Otherwise a mkdir or open would fail later,
+    with a traceback and often after the work."""
+    p = expand_path(str(value))
+    if p.exists():
+        if kind == "folder" and not p.is_dir():
+            raise BadPath(f"{what}: {p} is a file, not a folder"
+                          + ("" if must_exist else "; give a folder (it is created if missing)"))
+        if kind == "file" and p.is_dir():
+            raise BadPath(f"{what}: {p} is a folder, not a file; give a file path")
+        return p
+    if must_exist:
+        raise MissingInput(f"{what}: {p} does not exist")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise BadPath(f"{what}: {p} cannot be created: {parent} is a file, not a folder")
+            break
+    return p
 
 
 @dataclass
@@ -515,33 +539,70 @@ def _build(cls, data: dict, where: str, problems: list[str]):
 
 
 def apply_override(data: dict, dotted: str) -> None:
-    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (so 1e-4, true, [a, b] work)."""
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (so 1e-4, true, [a, b] work).
+    A list is entered by index (data.sources.0.path=...). Raises ConfigError naming the override."""
     if "=" not in dotted:
         raise ConfigError([f"override {dotted!r} is not of the form key=value"])
     key, raw = dotted.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
     parts = key.strip().split(".")
+    if not all(p.strip() for p in parts):
+        raise ConfigError([f"override {dotted!r}: {key.strip()!r} is not a dotted key such as train.lr"])
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError([f"override {dotted!r}: {raw!r} is not a YAML value ({getattr(e, 'problem', None) or e}); "
+                           f"quote a string that holds [ ] {{ }} : or #"]) from None
     node: Any = data
-    for p in parts[:-1]:
+    for depth, p in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[:depth]) or "the config"
         if isinstance(node, list):
-            node = node[int(p)]
+            if not p.isdigit() or int(p) >= len(node):
+                has = f"indexes 0..{len(node) - 1}" if node else "indexes: it is empty"
+                raise ConfigError([f"override {dotted!r}: {where} is a list of {len(node)} items; "
+                                   f"{p!r} is not one of its {has}"])
+            if last:
+                node[int(p)] = value
+            else:
+                node = node[int(p)]
+        elif isinstance(node, dict):
+            if last:
+                node[p] = value
+            else:
+                node = node.setdefault(p, {})
         else:
-            node = node.setdefault(p, {})
-    last = parts[-1]
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
+            raise ConfigError([f"override {dotted!r}: {where} is {node!r}, not a mapping with a key {p!r}"])
+
+
+def _read_yaml(path: Path) -> Any:
+    """A config file's YAML; ConfigError naming the file (and line) when it is not one."""
+    if path.is_dir():
+        raise ConfigError([f"config file {path} is a folder; give a YAML file (e.g. data/default.yaml)"])
+    if not path.is_file():
+        raise ConfigError([f"config file {path} does not exist"])
+    try:
+        data = path.read_bytes()
+        text = data.decode("utf-8")
+    except OSError as e:
+        raise ConfigError([f"config file {path} cannot be read ({e.strerror or e})"]) from None
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError([f"config file {path} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); "
+                           f"save it as UTF-8"]) from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = ": ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+        raise ConfigError([f"config file {path}: YAML syntax error{where}: {what}"]) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), data: dict | None = None) -> MolConfig:
     """Read YAML (or a dict), apply overrides, type-check and validate; raise ConfigError listing every problem."""
     raw: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError([f"config file {path} does not exist"])
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _read_yaml(Path(path))
         if not isinstance(raw, dict):
             raise ConfigError([f"{path}: top level must be a mapping"])
     if data is not None:
@@ -550,8 +611,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), data:
     for o in overrides:
         try:
             apply_override(raw, o)
-        except (ConfigError, ValueError, IndexError, TypeError) as e:
-            problems.append(f"override {o!r}: {e}")
+        except ConfigError as e:
+            problems += e.problems
     cfg = _build(MolConfig, raw, "", problems)
     # value checks run on every section, also one with type errors, so one pass lists everything
     for section in _SECTIONS:

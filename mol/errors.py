@@ -13,6 +13,10 @@ class MissingInput(MolError, FileNotFoundError):
     """A file or folder the config or the command names (or a stage needs) does not exist."""
 
 
+class BadPath(MolError, OSError):
+    """A path of the wrong kind: a file where a folder is due (or under one), a folder where a file is."""
+
+
 class StageFailed(MolError, RuntimeError):
     """A stage run as a subprocess (by `make experiment` or `make scale`) failed; the message holds
     its command and the tail of its log."""

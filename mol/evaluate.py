@@ -28,7 +28,7 @@ from . import cache as C
 from . import harness as H
 from . import run_folder as RF
 from .batching import subset_losses
-from .config import CORPORA, ConfigError, MolConfig, load_config
+from .config import CORPORA, ConfigError, MolConfig, check_path, load_config
 from .errors import MissingInput, MolError
 from .files import write_atomic
 from .lm_eval_tasks import default_eval_dir
@@ -59,9 +59,7 @@ def _no_bar(total: int, desc: str) -> Progress:
 def read_run(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[MolConfig, dict]:
     """The run's resolved config (with `eval.key=value` overrides applied) and summary;
     MissingInput naming whatever is missing, ConfigError for an override outside eval.*."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise MissingInput(f"run folder {run_dir} does not exist")
+    run_dir = check_path(run_dir, "run folder", must_exist=True)
     for name in (RF.CONFIG, RF.SUMMARY):
         if not (run_dir / name).is_file():
             raise MissingInput(f"{run_dir} has no {name}: not a finished training run")
@@ -83,9 +81,38 @@ def trained_weights(run_dir: Path, summary: dict) -> tuple[str, Path]:
     order = [want] if want in found else ["lora", "full"]
     for kind in order:
         if found[kind].is_dir():
-            return kind, found[kind]
+            return kind, _safetensors_only(found[kind], kind)
     names = " or ".join(f"{found[k].name}/" for k in order)
     raise MissingInput(f"{run_dir} has no {names} (finetune={want!r}): training did not save a model")
+
+
+def _safetensors_only(folder: Path, kind: str) -> Path:
+    """`folder` when its weights are safetensors; a pickled adapter_model.bin / pytorch_model.bin is
+    refused, never loaded: unpickling runs whatever code the file holds."""
+    want = "adapter_model.safetensors" if kind == "lora" else "*.safetensors"
+    if any(folder.glob(want)):
+        return folder
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+    if pickled:
+        raise EvalError(f"{folder} holds {', '.join(pickled)}, pickled weights, and no {want}: MoL never unpickles "
+                        f"a file (it could run any code); save the weights as safetensors "
+                        f"(save_pretrained(..., safe_serialization=True)) and evaluate again")
+    raise MissingInput(f"{folder} has no {want}: training did not finish saving its weights")
+
+
+def _read_base_json(path: Path | None) -> dict | None:
+    """A saved base-model evaluation (runs sharing a cache), or None when there is none yet."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise EvalError(f"base figures {path}: not a readable JSON file ({e}); remove it (it is rewritten) "
+                        f"or name another file") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("base"), dict):
+        raise EvalError(f"base figures {path}: a JSON file without base figures (no \"base\" object); remove it "
+                        f"(it is rewritten) or name another file")
+    return saved
 
 
 # --------------------------------------------------------------------------- perplexity
@@ -189,7 +216,9 @@ def evaluate_run(run_dir: Path, *, mcq_items: int | None = None, eval_dir: Path 
     run_dir = Path(run_dir)
     make_bar = make_bar or _no_bar
     cfg, summary = read_run(run_dir, overrides)
+    device = pick_device(cfg.model.device)
     kind, weights = trained_weights(run_dir, summary)
+    saved = _read_base_json(base_json)
     n_items = cfg.eval.mcq_items if mcq_items is None else mcq_items
     if n_items is not None and n_items < 0:
         raise EvalError(f"mcq_items must be >= 0, got {n_items}")
@@ -201,14 +230,16 @@ def evaluate_run(run_dir: Path, *, mcq_items: int | None = None, eval_dir: Path 
     run_any = n_items != 0 and bool(cfg.eval.mcq_sets or cfg.eval.tasks)
     tasks = H.resolve_tasks(cfg.eval.mcq_sets, cfg.eval.tasks, eval_dir, n_items) if run_any else None
     try:
-        return _evaluate(run_dir, cfg, summary, kind, weights, n_items, eval_dir, tasks, make_bar, base_json)
+        return _evaluate(run_dir, cfg, summary, kind, weights, n_items, eval_dir, tasks, make_bar, base_json, saved,
+                         device)
     finally:
         if tasks is not None:
             tasks.close()
 
 
 def _evaluate(run_dir: Path, cfg: MolConfig, summary: dict, kind: str, weights: Path, n_items: int | None,
-              eval_dir: Path, tasks: H.TaskSet | None, make_bar: MakeBar, base_json: Path | None) -> dict:
+              eval_dir: Path, tasks: H.TaskSet | None, make_bar: MakeBar, base_json: Path | None,
+              saved: dict | None, device: torch.device) -> dict:
     cache = C.TeacherCache(summary["cache_dir"])
     model_path = Path(summary["model_path"]) if "model_path" in summary else resolve_model_path(cfg.model.name)
     # KL-to-base is only meaningful against labels from this very base model
@@ -219,7 +250,6 @@ def _evaluate(run_dir: Path, cfg: MolConfig, summary: dict, kind: str, weights: 
         log.warning("cache %s has no validation sequences: no perplexity, only the lm-eval tasks", cache.path)
 
     tokenizer = load_tokenizer(model_path)
-    device = pick_device(cfg.model.device)
     samples_dir = run_dir / EVAL_SAMPLES
     model = load_model(model_path, cfg.model, device=device)
     base_key = {"cache_dir": str(cache.path), "max_val_sequences": cfg.eval.max_val_sequences,
@@ -229,8 +259,7 @@ def _evaluate(run_dir: Path, cfg: MolConfig, summary: dict, kind: str, weights: 
                 "gen_kwargs": cfg.eval.gen_kwargs,
                 "lm_eval": H.lm_eval_version() if tasks else None}
     base, base_from = None, None
-    if base_json is not None and Path(base_json).is_file():
-        saved = json.loads(Path(base_json).read_text())
+    if saved is not None:
         if saved.get("key") == base_key:
             base, base_from = saved["base"], str(base_json)
             log.info("base model figures from %s", base_json)

@@ -14,12 +14,11 @@ import json
 import os
 import shlex
 import sys
-from pathlib import Path
 
 from tqdm import tqdm
 
 from mol.bench import SECTIONS, json_safe, run_all, to_markdown
-from mol.config import load_config
+from mol.config import ConfigError, check_path, load_config
 from stages._cli import entry_point, token_bar
 
 _SECTIONS = len(SECTIONS)
@@ -41,6 +40,9 @@ def main(argv=None) -> int:
         command = f"make bench{' ARGS=' + shlex.quote(' '.join(argv)) if argv else ''}  ({command})"
     overrides = list(args.overrides) + ([f"model.name={args.model}"] if args.model else [])
     cfg = load_config(args.config, overrides)
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError([f"--threads must be >= 1, got {args.threads}"])
+    out = check_path(args.out, "--out")  # before the minutes of measuring, not after
     bar = tqdm(total=_SECTIONS, desc="bench", unit="part", dynamic_ncols=True)
     started = []
 
@@ -55,7 +57,6 @@ def main(argv=None) -> int:
     bar.close()
     res["meta"]["command"] = command
     md = to_markdown(res, command)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(json_safe(res), indent=2) + "\n")
     (out / "bench.md").write_text(md)

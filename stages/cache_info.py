@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mol.cache import SETS_DIR, UNITS_DIR, CacheError, CacheUnit, TeacherCache, resolve_cache_key, sets_using
-from mol.config import expand_path, load_config, mol_home
+from mol.config import check_path, expand_path, load_config, mol_home
 from mol.files import try_lock
 from stages._cli import entry_point
 
@@ -144,12 +144,13 @@ def main(argv=None) -> int:
     if args.gc:
         return garbage_collect(args.gc + ([args.config] if args.config else []), args.yes)
     if args.list:
-        root = (Path(args.root) if args.root else expand_path(load_config(args.config, args.overrides).teacher.cache_root)
-                if args.config else mol_home() / "teacher")
+        root = (check_path(args.root, "--root", must_exist=True) if args.root
+                else expand_path(load_config(args.config, args.overrides).teacher.cache_root) if args.config
+                else mol_home() / "teacher")
         print(inventory(root))
         return 0
     if args.path:
-        path = Path(args.path)
+        path = check_path(args.path, "--path", must_exist=True)
     elif args.config:
         path = resolve_cache_key(load_config(args.config, args.overrides)).cache_dir
     else:

@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from mol.config import check_path
 from mol.evaluate import EVAL_JSON, EVAL_MD, evaluate_run, format_table
 from stages._cli import entry_point, token_bar
 
@@ -37,6 +38,10 @@ def main(argv=None) -> int:
                     help="reuse the base model's figures from this file (runs sharing a cache), or write them there")
     # intermixed: key=value may come before or after the options
     args = ap.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    if args.base_json is not None:
+        check_path(args.base_json, "--base-json", kind="file")
+    if args.eval_dir is not None:
+        check_path(args.eval_dir, "--eval-dir", must_exist=True)
     overrides = list(args.overrides)
     if args.tasks is not None:
         overrides.append("eval.tasks=" + json.dumps([t.strip() for t in args.tasks.split(",") if t.strip()]))

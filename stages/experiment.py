@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mol.config import ConfigError, load_config
+from mol.config import ConfigError, check_path, load_config
 from mol.experiment import Plan, run_experiment
 from stages._cli import entry_point, token_bar
 
@@ -33,6 +33,10 @@ def main(argv=None) -> int:
     load_config(args.config, args.overrides)  # every config problem before any work
     if args.jobs < 1:
         raise ConfigError([f"--jobs must be >= 1, got {args.jobs}"])
+    if args.mcq_items is not None and args.mcq_items < 0:
+        raise ConfigError([f"--mcq-items must be >= 0 (0 runs no task), got {args.mcq_items}"])
+    check_path(args.out, "--out")
+    check_path(args.page, "--page")
     page = run_experiment(Plan(args.config, list(args.overrides), args.out, args.jobs, args.mcq_items,
                                page=args.page), make_bar=token_bar)
     print(f"\nresults page: {page}")

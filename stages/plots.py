@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from mol.config import check_path
 from mol.plots import plot_compare, plot_run
 from stages._cli import entry_point
 
@@ -21,6 +22,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compare", type=Path, default=None, help="also write this PNG comparing the runs")
     ap.add_argument("--key", default="ce/domain", help="validation metric for --compare (default ce/domain)")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.compare:  # checked before the runs' plots are drawn, not after
+        check_path(args.compare, "--compare", kind="file")
     for run_dir in args.run_dirs:
         for path in plot_run(run_dir):
             print(path)

@@ -14,7 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from mol.config import load_config
+from mol.config import check_path, load_config
 from mol.machine import machine_info
 from mol.qlora import run_study
 from stages._cli import entry_point
@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     ap.add_argument("--page", type=Path, default=Path("docs/qlora"), help="results page folder")
     args = ap.parse_args(argv)
     load_config(args.config, args.overrides + ["model.quantization=nf4"])  # every problem before any work
+    check_path(args.out, "--out")
+    check_path(args.page, "--page")
     command = "python -m stages.qlora" + "".join(" " + shlex.quote(a) for a in argv)
     if os.environ.get("MAKELEVEL"):
         command = f"make qlora  ({command})"

@@ -14,19 +14,21 @@ import json
 import os
 import shlex
 import sys
-from pathlib import Path
 
 from mol.cache import CacheError, resolve_cache_key
-from mol.config import load_config, mol_home
+from mol.config import ConfigError, check_path, load_config, mol_home
 from mol.machine import machine_info
 from mol.scale import SIZES, paper_table, run_scale, to_markdown, wide_vocab_storage
 from stages._cli import entry_point
 
 
 def _tokens(s: str) -> int:
+    """`30M`, `500K` or `1000000` as a positive token count; ValueError otherwise."""
     s = s.strip().upper()
-    mult = {"K": 1_000, "M": 1_000_000}.get(s[-1], 1)
-    return int(float(s[:-1] if s[-1] in "KM" else s) * mult)
+    n = int(float(s[:-1] if s[-1:] in ("K", "M") else s) * {"K": 1_000, "M": 1_000_000}.get(s[-1:], 1))
+    if n < 1:
+        raise ValueError(s)
+    return n
 
 
 @entry_point
@@ -39,13 +41,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         sizes = {s.strip(): _tokens(s) for s in args.sizes.split(",")}
-    except ValueError:
-        print(f"error: --sizes {args.sizes!r}: give token counts such as 1M,10M,30M", file=sys.stderr)
-        return 2
+    except (ValueError, OverflowError):
+        raise ConfigError([f"--sizes {args.sizes!r}: give positive token counts such as 1M,10M,30M"]) from None
+    work = check_path(args.work, "--work")
+    out = check_path(args.out, "--out")
     command = "python -m stages.scale" + "".join(" " + shlex.quote(a) for a in argv)
     if os.environ.get("MAKELEVEL"):
         command = f"make scale  ({command})"
-    res = run_scale(Path(args.work), sizes, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    res = run_scale(work, sizes, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     try:  # the paper-scale table re-encodes the default cache's real labels over Qwen3's vocabulary
         default = resolve_cache_key(load_config("data/default.yaml")).cache_dir
         storage = wide_vocab_storage(default)
@@ -56,7 +59,6 @@ def main(argv=None) -> int:
     info = machine_info()
     machine = f"{info.get('cpu', '?')}, {info.get('cores', '?')} cores, torch {info.get('torch', '?')}"
     md = to_markdown(res, command, machine)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale.json").write_text(json.dumps({**res, "command": command, "machine": info}, indent=2) + "\n")
     (out / "scale.md").write_text(md)

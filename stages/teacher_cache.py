@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 from mol.cache import TeacherCache
-from mol.config import parse_cli
+from mol.config import check_path, parse_cli
 from mol.teacher import finalize_cache, run_teacher_pass
 from stages._cli import entry_point, token_bar
 from stages.cache_info import describe
@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     finalize = "--finalize" in argv
     argv = [a for a in argv if a != "--finalize"]
     cfg, _ = parse_cli(argv, __doc__)
+    check_path(cfg.teacher.cache_root, "teacher.cache_root")
     if finalize:
         cache_dir, status = finalize_cache(cfg)
     else:
