@@ -155,9 +155,22 @@ def tokenizer_fingerprint(path: Path) -> str:
 
 
 def pick_device(device: str) -> torch.device:
+    """The config's model.device, refused (ModelError) where this torch cannot reach it: each stage
+    calls this first, so a wrong device costs no model load and no run folder."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, but no GPU is visible"
+            raise ModelError(f"model.device={device}: this torch ({torch.__version__}) cannot use CUDA ({build}); "
+                             f"use model.device=cpu or auto, or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelError(f"model.device={device}: only {torch.cuda.device_count()} CUDA device(s) are visible "
+                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"model.device={device}: MPS (Apple GPU) is not available in this torch; use cpu or auto")
+    return dev
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
