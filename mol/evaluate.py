@@ -70,7 +70,14 @@ def read_run(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[MolConfig, d
         raise ConfigError([f"override {o!r}: evaluation takes only eval.* settings and model.chat_template_kwargs"
                            for o in bad])
     cfg = load_config(run_dir / RF.CONFIG, list(overrides)) if overrides else RF.read_config(run_dir)
-    return cfg, RF.read_summary(run_dir)
+    try:
+        summary = RF.read_summary(run_dir)
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise EvalError(f"{run_dir / RF.SUMMARY}: not a readable JSON file ({e}); remove it and resume "
+                        f"the run (train.resume=true train.run_name={run_dir.name}) to write it again") from None
+    if not isinstance(summary, dict):
+        raise EvalError(f"{run_dir / RF.SUMMARY}: a JSON object expected, got {type(summary).__name__}")
+    return cfg, summary
 
 
 def trained_weights(run_dir: Path, summary: dict) -> tuple[str, Path]:

@@ -42,6 +42,9 @@ def world(tiny_model_dir, tmp_path_factory) -> dict:
     adapter = pickled / "adapter"
     torch.save(load_file(adapter / "adapter_model.safetensors"), adapter / "adapter_model.bin")
     (adapter / "adapter_model.safetensors").unlink()
+    for name, file, text in (("torn-summary", "summary.json", "{bad"), ("torn-config", "config.yaml", "train: [1,\n")):
+        shutil.copytree(run, root / "runs" / name)
+        (root / "runs" / name / file).write_text(text)
     dump_config(cfg, root / "cfg.yaml")
     (root / "afile").write_text("not a folder\n")
     (root / "adir").mkdir()
@@ -96,6 +99,8 @@ CASES = [
      {"mol.evaluate.load_model": _must_not_run}, None),
     ("eval-base-json-is-a-folder", "eval", ["{run}", "--base-json", "{root}/adir"], ["--base-json", "is a folder"],
      {"mol.evaluate.load_model": _must_not_run}, None),
+    ("eval-summary-not-json", "eval", ["{root}/runs/torn-summary"], ["summary.json", "JSON"], {}, None),
+    ("eval-config-not-yaml", "eval", ["{root}/runs/torn-config"], ["config.yaml", "YAML", "line 2"], {}, None),
     # the other entry points' options
     ("plots-compare-under-a-file", "plots", ["{run}", "--compare", "{root}/afile/x.png"], ["--compare", "afile"],
      {"stages.plots.plot_run": _must_not_run}, None),
