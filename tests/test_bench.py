@@ -62,6 +62,13 @@ def test_quick_bench_reports_every_figure(tiny_model_dir, tmp_path):
     assert z["reencode_exact"] and z["reproduces_cache_bytes"]
     for r in z["levels"]:
         assert _finite(r["bytes_per_token"]) and _finite(r["writer_tokens_per_s"]) and r["writer_tokens_per_s"] > 0, r
+    # the integrity checks' cost: the same cache verified and streamed with and without them
+    for fid in ("reader_checks_throughput", "verify_checks_time"):
+        c = figs[fid]["detail"]
+        assert c["reader_tokens"] > 0 and all(len(v) == sizes.QUICK.reps for v in c["times"].values()), c
+    assert figs["verify_checks_time"]["measured"] == pytest.approx(
+        np.median(figs["verify_checks_time"]["detail"]["times"]["verify_full"])
+        / np.median(figs["verify_checks_time"]["detail"]["times"]["verify_no_values"]))
     meta = res["meta"]
     assert meta["machine"]["cpu"] and meta["machine"]["torch"] and meta["date"] and "stages.bench" in meta["command"]
     md = (out / "bench.md").read_text()

@@ -28,7 +28,8 @@ def _figure(fid: str, figure: str, measured: float, op: str, goal: float, text: 
 
 FIGURE_IDS = ("stage1_vs_forward", "stage1_pipeline_tokens_per_s", "stage1_rss_10x", "cache_bytes_per_token",
               "mol_vs_ce_step_time", "mol_vs_ce_peak_memory", "cache_vs_online_teacher_step_time",
-              "loss_path_memory_vs_naive", "reader_vs_training_tokens_per_s")
+              "loss_path_memory_vs_naive", "reader_vs_training_tokens_per_s", "reader_checks_throughput",
+              "verify_checks_time")
 VLLM_FIGURE_IDS = ("vllm_stage1_vs_bare", "vllm_stage1_vs_transformers")
 """Reported after FIGURE_IDS when the vLLM venv exists (make vllm-setup); not in --quick."""
 
@@ -53,8 +54,26 @@ def vllm_figures(v: dict) -> list[dict]:
     ]
 
 
+def checks_figures(c: dict) -> list[dict]:
+    """What the cache's integrity checks cost (mol.bench.checks): the reader's speed with its value
+    checks ÷ without, and verify's time with the value checks ÷ without (sha256 and footers)."""
+    t = c["times"]
+    where = f"{c['tokens']} tokens, {c['shards']} shards"
+    return [
+        _figure("reader_checks_throughput", "cache reader tokens/s with its value checks ÷ without (seq_ids, id "
+                "ranges, probability codes, mass on every decoded row group)", c["reader_values_ratio"], ">=", 0.9,
+                f"{c['reader_values_ratio']:.3f} ({med(t['reader_values']):.3f} s vs {med(t['reader_plain']):.3f} s a"
+                f" pass; with each shard's sha256 on first read too {c['reader_all_ratio']:.3f}"
+                f" ({med(t['reader_all']):.3f} s); {where}; {_round_range(t['reader_plain'], t['reader_values'])})", c),
+        _figure("verify_checks_time", "cache_info --verify time with every value checked ÷ sha256 and footers only",
+                c["verify_ratio"], "<=", 3.0,
+                f"{c['verify_ratio']:.2f} ({med(t['verify_full']):.3f} s vs {med(t['verify_no_values']):.3f} s; "
+                f"{where}; {_round_range(t['verify_full'], t['verify_no_values'])})", c),
+    ]
+
+
 def build_figures(stage1: dict, at_scale: dict, storage: dict, stage2: dict, stage2_mem: dict, headline: dict,
-                  k: int, cache_bytes_per_token: float, vllm: dict | None = None) -> list[dict]:
+                  k: int, cache_bytes_per_token: float, vllm: dict | None = None, checks: dict | None = None) -> list[dict]:
     """The figures table, in FIGURE_IDS order, from the measurements (each figure's detail holds
     what it was computed from, so a report can be rebuilt from bench.json)."""
     t2, mem2 = stage2["times"], (stage2_mem["mol"], stage2_mem["ce"])
@@ -117,6 +136,7 @@ def build_figures(stage1: dict, at_scale: dict, storage: dict, stage2: dict, sta
                    if "reader_load_tokens_per_s" in stage2 else "") + ")",
                 {"reader_s": t2["reader"], "reader_tokens": stage2["reader_tokens"], "mol_s": t2["mol"],
                  "reader_load_s": t2.get("reader_load")}),
+        *checks_figures(checks),
     ]
     assert [f["id"] for f in figures] == list(FIGURE_IDS)
     if vllm and "skipped" not in vllm:

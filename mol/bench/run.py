@@ -17,6 +17,7 @@ import torch
 from .. import cache as C
 from ..config import MolConfig, config_to_dict, load_config
 from ..machine import machine_info
+from .checks import checks_cost
 from .loss_path import loss_path_headline, loss_path_memory, loss_path_scaling
 from .report import build_figures
 from .sizes import FULL, QUICK, quick_config
@@ -29,7 +30,8 @@ log = logging.getLogger(__name__)
 
 
 SECTIONS = ("teacher cache", "stage 1 vs bare forward", "vllm teacher", "storage variants", "zstd levels",
-            "stage 1 at scale (stub teacher)", "stage 2 steps", "stage 2 step ratio vs length", "stage 2 peak memory",
+            "stage 1 at scale (stub teacher)", "stage 2 steps", "integrity checks", "stage 2 step ratio vs length",
+            "stage 2 peak memory",
             "loss path peak memory", "loss path time")
 """The parts of run_all in order; `section(name)` is called as each starts."""
 
@@ -145,6 +147,9 @@ def run_all(cfg: MolConfig, *, quick: bool = False, workdir: Optional[Path] = No
         s2 = Stage2(cfg, model_path, device, k)
         stage2 = stage2_steps(s2, train_seqs, cache_dir, sz)
 
+        enter("integrity checks")
+        checks = checks_cost(cache_dir, k, cfg.train.micro_batch, sz.reps, sz.warmup, cfg.train.reader_cache_mb << 20)
+
         enter("stage 2 step ratio vs length")
         step_scaling = stage2_step_ratio(s2, train_seqs, sz)
         del s2  # the student's memory back before the peak-memory children run
@@ -165,7 +170,7 @@ def run_all(cfg: MolConfig, *, quick: bool = False, workdir: Optional[Path] = No
             own_tmp.cleanup()
 
     figures = build_figures(stage1, at_scale, storage, stage2, stage2_mem, headline, k, meta["cache_bytes_per_token"],
-                            vllm)
+                            vllm, checks)
     enter("")
     meta["seconds"] = time.time() - t_start
     return {"meta": meta, "figures": figures, "storage": storage, "zstd_levels": zstd, "stage1_at_scale": at_scale,

@@ -124,10 +124,11 @@ def long_rows(seqs: C.Sequences, length: int, n: int) -> list[dict]:
     return out
 
 
-def reader_pass(cache_dir: Path, k: int, micro_batch: int, max_cache_bytes: int = 256 << 20) -> int:
+def reader_pass(cache_dir: Path, k: int, micro_batch: int, max_cache_bytes: int = 256 << 20, **checks) -> int:
     """The trainer's data path over the whole train split: one mol.reader.StreamingSequences per
     corpus, opened as train() opens them (index, same decoded row-group budget), the next
-    micro-batch prefetched while this one is read, rows + collate. Returns tokens."""
+    micro-batch prefetched while this one is read, rows + collate. Returns tokens. `checks`:
+    StreamingSequences' check_values / check_sha256 (both on unless turned off, as in training)."""
     from ..reader import StreamingSequences
 
     cache = C.TeacherCache(cache_dir)
@@ -136,7 +137,7 @@ def reader_pass(cache_dir: Path, k: int, micro_batch: int, max_cache_bytes: int 
     for corpus in ("domain", "general"):
         if not any(u.corpus == corpus for u in cache.units):
             continue
-        seqs = StreamingSequences(cache, "train", corpus, max_cache_bytes=max_cache_bytes)
+        seqs = StreamingSequences(cache, "train", corpus, max_cache_bytes=max_cache_bytes, **checks)
         try:
             n = len(seqs)
             for a in range(0, n, micro_batch):
