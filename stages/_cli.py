@@ -36,7 +36,8 @@ def entry_point(main):
         try:
             return main(argv)
         except MolError as e:
-            print(f"error: {e}", file=sys.stderr)
+            # through tqdm: a bar still open (the teacher pass's) is cleared first, so the error starts its line
+            tqdm.write(f"error: {e}", file=sys.stderr)
             return getattr(e, "exit_code", 2)
 
     return wrapped
