@@ -44,6 +44,27 @@ def test_bad_override_and_missing_file():
         load_config("nope.yaml")
 
 
+def test_config_file_and_override_mistakes_name_the_place(tmp_path):
+    """Each is one problem naming the file (and line) or the override; tests/test_cli_errors.py runs
+    the same mistakes through the entry points."""
+    (tmp_path / "bad.yaml").write_text("model:\n  name: [x\n")
+    (tmp_path / "latin1.yaml").write_bytes(b"model:\n  name: caf\xe9\n")
+    for path, needle in ((tmp_path, "is a folder"), (tmp_path / "bad.yaml", "bad.yaml: YAML syntax error at line 3"),
+                         (tmp_path / "latin1.yaml", "not UTF-8 text (byte 0xe9 on line 2)")):
+        with pytest.raises(ConfigError) as e:
+            load_config(path)
+        assert len(e.value.problems) == 1 and needle in e.value.problems[0], e.value.problems
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "data/default.yaml", ["train.lr", "train.lr=[1,", "train..lr=1", "model.name.x=1",
+                                                  "train=5", "train.alpha=1", "data.sources.4.path=x"])
+    p = e.value.problems
+    assert p[0] == "override 'train.lr' is not of the form key=value", p
+    assert "'[1,' is not a YAML value" in p[1] and "not a dotted key" in p[2], p
+    assert "model.name is 'smollm2-135m-instruct', not a mapping" in p[3], p
+    assert "train is 5, not a mapping with a key 'alpha'" in p[4], p
+    assert "data.sources is a list of 4 items; '4' is not one of its indexes 0..3" in p[5], p
+
+
 def _numeric_fields(cls=MolConfig, prefix=""):
     """Every int/float field of the config tree as (dotted key, type), sources through index 0."""
     import dataclasses
