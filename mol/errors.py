@@ -18,7 +18,7 @@ class BadPath(MolError, OSError):
 
 
 class StageFailed(MolError, RuntimeError):
-    """A stage run as a subprocess (by `make experiment` or `make scale`) failed; the message holds
-    its command and the tail of its log."""
+    """A stage run as a child process (mol/stage_process.py: `make experiment`, `make qlora`,
+    `make scale`) failed; the message holds its command and the tail of its log."""
 
     exit_code = 1  # the stage's own log says whose mistake it was

@@ -169,7 +169,7 @@ def heldout_metrics(model, seqs: C.Sequences, k: int, cfg: MolConfig, device: to
 
 
 def _evaluate_model(model, tokenizer, label: str, val: C.Sequences | None, k: int, tasks: H.TaskSet | None,
-                    cfg: MolConfig, device: torch.device, make_bar: MakeBar, samples_dir: Path) -> dict:
+                    cfg: MolConfig, device: torch.device, make_bar: MakeBar, folder: RF.RunFolder) -> dict:
     """One model's figures: ppl/ce/kl_to_base per subset and corpus, then every task through lm-eval
     (`<metric>/<task>` values, per-item values under "items", task facts under "tasks")."""
     model.eval()
@@ -188,7 +188,8 @@ def _evaluate_model(model, tokenizer, label: str, val: C.Sequences | None, k: in
         res["items"] = scores["items"]
         res["tasks"] = scores["tasks"]
         res["lm_eval"] = scores["lm_eval"]
-        H.write_samples(samples, samples_dir / label)
+        for name, data in H.sample_files(samples).items():
+            folder.write_file(f"{EVAL_SAMPLES}/{label}/{name}", data)
     shown = [f"ppl/{c}" for c in CORPORA] + res.get("metric_keys", [])
     log.info("%s: %s", label, "  ".join(f"{key}={res[key]:.4g}" for key in shown if key in res))
     return res
@@ -257,7 +258,8 @@ def _evaluate(run_dir: Path, cfg: MolConfig, summary: dict, kind: str, weights: 
         log.warning("cache %s has no validation sequences: no perplexity, only the lm-eval tasks", cache.path)
 
     tokenizer = load_tokenizer(model_path)
-    samples_dir = run_dir / EVAL_SAMPLES
+    folder = RF.RunFolder(run_dir)
+    samples_dir = folder.path / EVAL_SAMPLES
     model = load_model(model_path, cfg.model, device=device)
     base_key = {"cache_dir": str(cache.path), "max_val_sequences": cfg.eval.max_val_sequences,
                 "tasks": tasks.names if tasks else [], "limit": n_items,
@@ -274,7 +276,7 @@ def _evaluate(run_dir: Path, cfg: MolConfig, summary: dict, kind: str, weights: 
             log.warning("%s was computed for another cache, tasks or prompt format: evaluating the base again",
                         base_json)
     if base is None:
-        base = _evaluate_model(model, tokenizer, "base", val, cache.k, tasks, cfg, device, make_bar, samples_dir)
+        base = _evaluate_model(model, tokenizer, "base", val, cache.k, tasks, cfg, device, make_bar, folder)
         if base_json is not None:
             # two runs' evaluations may finish the base together: each writes whole, under its own temp name
             write_atomic(Path(base_json), (json.dumps({"key": base_key, "base": base,
@@ -287,7 +289,7 @@ def _evaluate(run_dir: Path, cfg: MolConfig, summary: dict, kind: str, weights: 
     else:
         del model
         model = load_model(weights, cfg.model, device=device)
-    trained = _evaluate_model(model, tokenizer, "trained", val, cache.k, tasks, cfg, device, make_bar, samples_dir)
+    trained = _evaluate_model(model, tokenizer, "trained", val, cache.k, tasks, cfg, device, make_bar, folder)
 
     metric_keys = trained.get("metric_keys", [])
     scalar = [key for key in base if key.startswith(("ce/", "ppl/", "kl_to_base/"))] + metric_keys
@@ -315,8 +317,8 @@ def _evaluate(run_dir: Path, cfg: MolConfig, summary: dict, kind: str, weights: 
         "base_from": base_from,
         "samples": str(samples_dir),
     }
-    write_atomic(run_dir / EVAL_JSON, (json.dumps(result, indent=2) + "\n").encode())
-    write_atomic(run_dir / EVAL_MD, format_markdown(result).encode())
+    folder.write_file(EVAL_JSON, (json.dumps(result, indent=2) + "\n").encode())
+    folder.write_file(EVAL_MD, format_markdown(result).encode())
     return result
 
 

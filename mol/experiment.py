@@ -20,9 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,10 +28,10 @@ from typing import Optional
 
 from .cache import TeacherCache
 from .config import load_config
-from .errors import StageFailed
 from .harness import paired_delta
 from .machine import machine_info
-from .run_folder import CONFIG, EVAL_JSON, SUMMARY, RunFolder, read_summary
+from .run_folder import CONFIG, EVAL_JSON, SUMMARY, RunFolder, read_metrics, read_summary, train_val
+from .stage_process import run_stage
 from .teacher import run_teacher_pass
 
 log = logging.getLogger(__name__)
@@ -76,23 +73,6 @@ class Plan:
     eval_dir: Optional[Path] = None   # MCQ files (default: the default data's eval/)
 
 
-def _threads_env(jobs: int) -> dict:
-    """Concurrent runs split the cores instead of oversubscribing them."""
-    n = max(1, (os.cpu_count() or 1) // max(jobs, 1))
-    return {**os.environ, "OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n), "PYTHONUNBUFFERED": "1"}
-
-
-def _run_logged(cmd: list[str], log_path: Path, env: dict) -> float:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    with open(log_path, "w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-    if rc != 0:
-        tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-15:])
-        raise StageFailed(f"{' '.join(cmd)} exited {rc}; log {log_path}:\n{tail}")
-    return time.time() - t0
-
-
 def _pmap(fn, items, jobs: int) -> list:
     if jobs <= 1:
         return [fn(x) for x in items]
@@ -100,9 +80,13 @@ def _pmap(fn, items, jobs: int) -> list:
         return list(ex.map(fn, items))
 
 
+def _stage(plan: Plan, module: str, args: list[str], log_name: str) -> float:
+    """One stage child of the experiment (the cores split between `plan.jobs` of them); its seconds."""
+    return run_stage(module, args, plan.out / "logs" / log_name, concurrent=plan.jobs).seconds
+
+
 def train_runs(plan: Plan) -> dict[str, float]:
     """Train every run not finished yet (resuming a killed one); returns seconds per run trained now."""
-    env = _threads_env(plan.jobs)
 
     def one(spec: RunSpec):
         run_dir = plan.out / spec.name
@@ -111,17 +95,16 @@ def train_runs(plan: Plan) -> dict[str, float]:
             return spec.name, None
         # a killed run resumes from wherever it got to (a folder with only its config restarts at 0)
         resume = ["train.resume=true"] if RunFolder(run_dir).holds_run() else []
-        cmd = [sys.executable, "-m", "stages.train", str(plan.config), *plan.overrides,
-               f"train.out_dir={plan.out}", f"train.run_name={spec.name}", *spec.overrides, *resume]
-        log.info("training %s: %s", spec.name, " ".join(cmd[2:]))
-        return spec.name, _run_logged(cmd, plan.out / "logs" / f"{spec.name}-train.log", env)
+        args = [str(plan.config), *plan.overrides, f"train.out_dir={plan.out}", f"train.run_name={spec.name}",
+                *spec.overrides, *resume]
+        log.info("training %s: %s", spec.name, " ".join(["stages.train", *args]))
+        return spec.name, _stage(plan, "stages.train", args, f"{spec.name}-train.log")
 
     return {name: s for name, s in _pmap(one, plan.runs, plan.jobs) if s is not None}
 
 
 def eval_runs(plan: Plan) -> dict[str, float]:
     """Evaluate every trained run whose eval.json is missing or older than its summary."""
-    env = _threads_env(plan.jobs)
     base_json = plan.out / BASE_EVAL
 
     def one(spec: RunSpec):
@@ -129,13 +112,13 @@ def eval_runs(plan: Plan) -> dict[str, float]:
         ev = run_dir / EVAL_JSON
         if ev.is_file() and ev.stat().st_mtime >= (run_dir / SUMMARY).stat().st_mtime and _current(ev):
             return spec.name, None
-        cmd = [sys.executable, "-m", "stages.eval", str(run_dir), "--base-json", str(base_json)]
+        args = [str(run_dir), "--base-json", str(base_json)]
         if plan.mcq_items is not None:
-            cmd += ["--mcq-items", str(plan.mcq_items)]
+            args += ["--mcq-items", str(plan.mcq_items)]
         if plan.eval_dir is not None:
-            cmd += ["--eval-dir", str(plan.eval_dir)]
+            args += ["--eval-dir", str(plan.eval_dir)]
         log.info("evaluating %s", spec.name)
-        return spec.name, _run_logged(cmd, plan.out / "logs" / f"{spec.name}-eval.log", env)
+        return spec.name, _stage(plan, "stages.eval", args, f"{spec.name}-eval.log")
 
     todo = list(plan.runs)
     done = []
@@ -193,9 +176,7 @@ def general_acc_delta(base: dict, trained: dict, tasks=GENERAL_TASKS, metric: st
 
 def grad_probe_series(run_dir: Path) -> list[tuple[int, float, float]]:
     """(step, |grad CE|, |grad KL|) at each validation that carries the probe."""
-    from .plots import METRICS, read_metrics
-
-    _, val = read_metrics(run_dir / METRICS)
+    _, val = train_val(read_metrics(run_dir))
     return [(r["step"], r["grad_probe/ce"], r["grad_probe/kl"]) for r in val
             if "grad_probe/ce" in r and "grad_probe/kl" in r]
 
@@ -448,9 +429,7 @@ def _wall_seconds(out: Path, runs: list[RunSpec]) -> float:
 
 
 def _train_records(run_dir: Path) -> list[dict]:
-    from .plots import METRICS, read_metrics
-
-    return read_metrics(run_dir / METRICS)[0]
+    return train_val(read_metrics(run_dir))[0]
 
 
 def _machine() -> str:

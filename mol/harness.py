@@ -255,15 +255,11 @@ def compare(base: dict, trained: dict) -> dict:
     return out
 
 
-def write_samples(samples: dict, folder: Path) -> list[Path]:
-    """lm-eval's per-sample logs as <folder>/<task>.jsonl (what `lm_eval --log_samples` writes per task)."""
+def sample_files(samples: dict) -> dict[str, bytes]:
+    """lm-eval's per-sample logs as {"<task>.jsonl": its lines} (what `lm_eval --log_samples` writes
+    per task); the caller writes them (a run folder's through mol.run_folder)."""
     from lm_eval.utils import handle_non_serializable
 
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for task, recs in samples.items():
-        path = folder / f"{re.sub(r'[^A-Za-z0-9_.,=+-]', '_', task)}.jsonl"
-        path.write_text("".join(json.dumps(r, default=handle_non_serializable, ensure_ascii=False) + "\n"
-                                for r in recs))
-        written.append(path)
-    return written
+    return {f"{re.sub(r'[^A-Za-z0-9_.,=+-]', '_', task)}.jsonl":
+            "".join(json.dumps(r, default=handle_non_serializable, ensure_ascii=False) + "\n" for r in recs).encode()
+            for task, recs in samples.items()}

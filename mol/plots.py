@@ -11,7 +11,7 @@ pyplot, so importing this module changes no global backend and works without a d
 
 from __future__ import annotations
 
-import json
+import io
 import logging
 import math
 from pathlib import Path
@@ -21,7 +21,8 @@ from matplotlib.figure import Figure
 
 from .config import CORPORA
 from .errors import MissingInput, MolError
-from .run_folder import METRICS, read_config
+from .files import write_atomic
+from .run_folder import METRICS, PLOTS_DIR, RunFolder, read_config, read_metrics, train_val
 
 log = logging.getLogger(__name__)
 
@@ -30,35 +31,18 @@ class PlotError(MolError, ValueError):
     """Metrics that cannot be plotted (no records, an unknown key)."""
 
 
-PLOTS_DIR = "plots"
 CORPUS_COLOURS = {"domain": "tab:red", "general": "tab:blue"}
 # each corpus' validation subsets take shades of its train colour, so families read at a glance
 CORPUS_MAPS = {"domain": "Reds", "general": "Blues"}
 
 
-def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
-    """(train rows, val rows) in file order. A malformed line (e.g. one a running trainer is
-    still writing) is skipped with a warning rather than failing the whole plot."""
-    path = Path(path)
+def _rows(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(train rows, val rows) of a run, read by the run folder's one reader (a line a running trainer
+    is still writing is skipped with a warning rather than failing the whole plot)."""
+    path = Path(run_dir) / METRICS
     if not path.is_file():
         raise MissingInput(f"{path} does not exist: no metrics to plot")
-    train, val, bad = [], [], 0
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if not isinstance(rec, dict) or not isinstance(rec.get("step"), (int, float)):
-            bad += 1
-        elif rec.get("type") == "train":
-            train.append(rec)
-        elif rec.get("type") == "val":
-            val.append(rec)
-    if bad:
-        log.warning("%s: skipped %d malformed lines", path, bad)
+    train, val = train_val(read_metrics(run_dir))
     if not train and not val:
         raise PlotError(f"{path}: no train or val records")
     return train, val
@@ -119,15 +103,17 @@ def _new_axes(title: str, ylabel: str):
     return fig, ax
 
 
-def _save(fig, ax, path: Path) -> Path:
+def _png(fig, ax) -> bytes:
+    """The finished figure as PNG bytes (written whole by the caller: a reader never sees half a PNG)."""
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small", loc="best")
     fig.tight_layout()
-    fig.savefig(path)
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
 
 
-def plot_ce(train: list[dict], val: list[dict], corpus_of: dict[str, str], title: str, path: Path) -> Path:
+def plot_ce(train: list[dict], val: list[dict], corpus_of: dict[str, str], title: str) -> bytes:
     fig, ax = _new_axes(f"{title}: cross-entropy", "CE (nats/token)")
     for c in CORPORA:
         x, y = series(train, f"ce/{c}")
@@ -139,10 +125,10 @@ def plot_ce(train: list[dict], val: list[dict], corpus_of: dict[str, str], title
         x, y = series(val, f"ce/{s}")
         tag = f" ({corpus_of[s]})" if s in corpus_of else ""
         ax.plot(x, y, marker="o", ms=4, lw=1.5, color=colours[s], label=f"val CE {s}{tag}")
-    return _save(fig, ax, path)
+    return _png(fig, ax)
 
 
-def plot_grad_norm(train: list[dict], grad_clip: float | None, title: str, path: Path) -> Path:
+def plot_grad_norm(train: list[dict], grad_clip: float | None, title: str) -> bytes:
     fig, ax = _new_axes(f"{title}: gradient norm", "global gradient norm")
     x, y = series(train, "grad_norm")
     ax.plot(x, y, lw=0.9, color="tab:purple", label="grad norm")
@@ -151,10 +137,10 @@ def plot_grad_norm(train: list[dict], grad_clip: float | None, title: str, path:
     positive = [v for v in y if v > 0]
     if positive and max(positive) / min(positive) > 100:
         ax.set_yscale("log")  # early spikes would otherwise flatten the rest of the curve
-    return _save(fig, ax, path)
+    return _png(fig, ax)
 
 
-def plot_kl(train: list[dict], val: list[dict], title: str, path: Path) -> Path:
+def plot_kl(train: list[dict], val: list[dict], title: str) -> bytes:
     fig, ax = _new_axes(f"{title}: KL to the base model", "KL (nats/token)")
     for c in CORPORA:
         x, y = series(train, f"kl/{c}")
@@ -164,30 +150,28 @@ def plot_kl(train: list[dict], val: list[dict], title: str, path: Path) -> Path:
         x, y = series(val, f"kl_to_base/{c}")
         if x:
             ax.plot(x, y, marker="o", ms=4, lw=1.5, ls="--", color=CORPUS_COLOURS[c], label=f"val KL-to-base {c}")
-    return _save(fig, ax, path)
+    return _png(fig, ax)
 
 
-def plot_lr(train: list[dict], title: str, path: Path) -> Path:
+def plot_lr(train: list[dict], title: str) -> bytes:
     fig, ax = _new_axes(f"{title}: learning rate", "learning rate")
     x, y = series(train, "lr")
     ax.plot(x, y, lw=1.2, color="tab:green", label="lr")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    return _save(fig, ax, path)
+    return _png(fig, ax)
 
 
 def plot_run(run_dir: Path) -> list[Path]:
     """Write ce.png, grad_norm.png, kl.png and lr.png into run_dir/plots/; return their paths."""
-    run_dir = Path(run_dir)
-    train, val = read_metrics(run_dir / METRICS)
-    corpus_of, grad_clip = _run_info(run_dir)
-    out = run_dir / PLOTS_DIR
-    out.mkdir(exist_ok=True)
-    title = run_dir.name
+    folder = RunFolder(run_dir)
+    train, val = _rows(folder.path)
+    corpus_of, grad_clip = _run_info(folder.path)
+    title = folder.path.name
     return [
-        plot_ce(train, val, corpus_of, title, out / "ce.png"),
-        plot_grad_norm(train, grad_clip, title, out / "grad_norm.png"),
-        plot_kl(train, val, title, out / "kl.png"),
-        plot_lr(train, title, out / "lr.png"),
+        folder.write_file(f"{PLOTS_DIR}/ce.png", plot_ce(train, val, corpus_of, title)),
+        folder.write_file(f"{PLOTS_DIR}/grad_norm.png", plot_grad_norm(train, grad_clip, title)),
+        folder.write_file(f"{PLOTS_DIR}/kl.png", plot_kl(train, val, title)),
+        folder.write_file(f"{PLOTS_DIR}/lr.png", plot_lr(train, title)),
     ]
 
 
@@ -198,7 +182,7 @@ def plot_compare(run_dirs: list[Path], out: Path, key: str = "ce/domain", record
     colours = colormaps["tab10"]
     plotted = 0
     for i, run_dir in enumerate(map(Path, run_dirs)):
-        train, val = read_metrics(run_dir / METRICS)
+        train, val = _rows(run_dir)
         x, y = series(val if records == "val" else train, key)
         if not x:
             log.warning("%s: no validation %s; left out of the comparison", run_dir, key)
@@ -207,6 +191,7 @@ def plot_compare(run_dirs: list[Path], out: Path, key: str = "ce/domain", record
         plotted += 1
     if not plotted:
         raise PlotError(f"none of the runs has validation values for {key!r}")
-    out = Path(out)
+    out = Path(out)  # a file of the caller's choosing, outside any run folder
     out.parent.mkdir(parents=True, exist_ok=True)
-    return _save(fig, ax, out)
+    write_atomic(out, _png(fig, ax))
+    return out

@@ -19,10 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,14 +26,11 @@ from matplotlib.figure import Figure
 
 from .batching import subset_losses
 from .cache import TeacherCache
-from .errors import StageFailed
 from .model import load_model
-from .run_folder import RunFolder, read_config, read_metrics, read_summary
+from .run_folder import PEAK_RSS, RunFolder, read_config, read_metrics, read_summary, train_val
+from .stage_process import run_stage
 
 log = logging.getLogger(__name__)
-
-PEAK_RSS = "peak_rss.json"
-
 
 @dataclass(frozen=True)
 class StudyRun:
@@ -59,21 +52,11 @@ def train_run(config: Path, overrides: list[str], out: Path, run: StudyRun) -> N
     if folder.finished() and (folder.path / PEAK_RSS).is_file():
         log.info("%s: finished already", run.name)
         return
-    cmd = [sys.executable, "-m", "stages.train", str(config), *overrides, f"train.out_dir={out}",
-           f"train.run_name={run.name}", *run.overrides] + (["train.resume=true"] if folder.holds_run() else [])
-    log_path = out / "logs" / f"{run.name}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log.info("training %s: %s", run.name, " ".join(cmd[2:]))
-    t0 = time.time()
-    with open(log_path, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
-        _, status, usage = os.wait4(proc.pid, 0)
-    rc = os.waitstatus_to_exitcode(status)
-    if rc != 0:
-        tail = "\n".join(log_path.read_text().splitlines()[-20:])
-        raise StageFailed(f"{' '.join(cmd)} exited {rc}; log {log_path}:\n{tail}")
-    (folder.path / PEAK_RSS).write_text(json.dumps({"peak_rss_mb": usage.ru_maxrss / 1024,
-                                                    "wall_s": time.time() - t0}) + "\n")
+    args = [str(config), *overrides, f"train.out_dir={out}", f"train.run_name={run.name}",
+            *run.overrides] + (["train.resume=true"] if folder.holds_run() else [])
+    log.info("training %s: %s", run.name, " ".join(["stages.train", *args]))
+    done = run_stage("stages.train", args, out / "logs" / f"{run.name}.log")
+    folder.write_file(PEAK_RSS, (json.dumps({"peak_rss_mb": done.peak_rss_mb, "wall_s": done.seconds}) + "\n").encode())
 
 
 def on_full_precision_base(run_dir: Path) -> dict:
@@ -90,7 +73,7 @@ def on_full_precision_base(run_dir: Path) -> dict:
 
 
 def _val(run_dir: Path) -> list[dict]:
-    return [r for r in read_metrics(run_dir) if r.get("type") == "val"]
+    return train_val(read_metrics(run_dir))[1]
 
 
 def results(out: Path) -> dict:

@@ -9,9 +9,15 @@ resumed run may change.
       checkpoints/    step-NNNNNN/state.pt and `latest`, which only ever names a complete one
       adapter/ | model/ [merged/]   the weights, written at the end
       summary.json    written last: the run finished
+      tb/             TensorBoard's event files (its own writer, in the folder this module names)
+      eval.json, eval.md, eval-samples/<model>/<task>.jsonl    `make eval`'s results
+      plots/*.png     `make plots`
+      peak_rss.json   `make qlora`: the training process's peak memory
       .lock           held by the one trainer writing the folder
 
-Every file is written by this module; train, eval, plots and experiment read it through it.
+Every file is named here and written through this module (`RunFolder.write_file`: atomic, a reader
+sees the old file or the whole new one); train, eval, plots, experiment, qlora and scale read it
+through it (`read_metrics`, `read_summary`, `read_config`).
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ TENSORBOARD = "tb"
 LOCK = ".lock"
 # written by `make eval` (mol/evaluate.py): the results, the table, lm-eval's per-sample logs
 EVAL_JSON, EVAL_MD, EVAL_SAMPLES = "eval.json", "eval.md", "eval-samples"
+PLOTS_DIR = "plots"               # written by `make plots` (mol/plots.py)
+PEAK_RSS = "peak_rss.json"        # written by `make qlora` (mol/qlora.py)
 # what the command line lists when a run ends
 OUTPUTS = (ADAPTER, MODEL, MERGED, METRICS, SUMMARY, CONFIG, RECORD, TENSORBOARD)
 
@@ -118,6 +126,10 @@ class RunFolder:
     @property
     def checkpoints(self) -> Path:
         return self.path / CHECKPOINTS
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / TENSORBOARD
 
     def holds_run(self) -> bool:
         return any((self.path / n).exists() for n in (CONFIG, METRICS, CHECKPOINTS))
@@ -253,6 +265,14 @@ class RunFolder:
                 + (f"; the partial {removed} was removed" if removed else "")
                 + f". Free space and continue with train.resume=true train.run_name={self.path.name}")
 
+    def write_file(self, name: str | Path, data: bytes) -> Path:
+        """Write `name` (relative to the folder; its parent folders are made) atomically; returns its
+        path. Errors are the system's own (OSError), for a caller that is not the trainer."""
+        path = self.path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, data)
+        return path
+
     def append_metric(self, rec: dict) -> None:
         try:
             with open(self.metrics_path, "a") as f:
@@ -261,14 +281,24 @@ class RunFolder:
             raise RunFolderError(self._write_failed(self.metrics_path, e)) from None
 
     def metrics(self) -> list[dict]:
-        """Every complete line of metrics.jsonl (a line torn by a kill is skipped)."""
-        out = []
+        """Every record (JSON object) of metrics.jsonl in file order, [] when there is none yet. A
+        malformed line (one a running trainer is still writing, or one torn by a kill) is skipped
+        with a warning."""
+        out, bad = [], 0
         if self.metrics_path.is_file():
             for ln in self.metrics_path.read_text().splitlines():
-                try:
-                    out.append(json.loads(ln))
-                except ValueError:
+                if not ln.strip():
                     continue
+                try:
+                    rec = json.loads(ln)
+                except ValueError:
+                    rec = None
+                if isinstance(rec, dict):
+                    out.append(rec)
+                else:
+                    bad += 1
+        if bad:
+            log.warning("%s: skipped %d malformed lines", self.metrics_path, bad)
         return out
 
     def truncate_metrics(self, step: int, final_step: int) -> None:
@@ -423,4 +453,14 @@ def read_summary(run_dir: Path) -> dict:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The run's metrics records (`RunFolder.metrics`): the one reader of metrics.jsonl."""
     return RunFolder(run_dir).metrics()
+
+
+def train_val(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(train records, validation records) in file order; a record without a numeric step is neither."""
+    train, val = [], []
+    for rec in records:
+        if isinstance(rec.get("step"), (int, float)):
+            {"train": train, "val": val}.get(rec.get("type"), []).append(rec)
+    return train, val

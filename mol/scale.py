@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,8 +21,8 @@ import yaml
 
 from .cache import TeacherCache, resolve_cache_key
 from .config import load_config
-from .errors import StageFailed
 from .run_folder import METRICS, read_metrics
+from .stage_process import run_stage
 from .synthetic import WORDS, write_corpus
 
 log = logging.getLogger(__name__)
@@ -33,7 +30,6 @@ log = logging.getLogger(__name__)
 SIZES = {"1M": 1_000_000, "10M": 10_000_000, "30M": 30_000_000}
 SEQ_LEN = 512
 VOCAB = 128
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_model(out: Path) -> Path:
@@ -88,27 +84,16 @@ def _config(model: Path, work: Path, name: str, tokens: int) -> Path:
     return cfg
 
 
+def _first_step(metrics: Path):
+    """Whether a training process has logged its first optimizer step (polled while it runs)."""
+    return lambda: metrics.is_file() and '"type": "train"' in metrics.read_text()
+
+
 def _run_stage(module: str, args: list[str], log_path: Path, first_step_file: Path | None = None) -> dict:
-    """Run `python -m module args`; its wall time, peak RSS (kernel's ru_maxrss) and, for training,
-    the seconds from its start until metrics.jsonl holds the first optimizer step."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
-    t0 = time.monotonic()
-    with open(log_path, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
-    first = None
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if first is None and first_step_file is not None and first_step_file.is_file():
-            if '"type": "train"' in first_step_file.read_text():
-                first = time.monotonic() - t0
-        time.sleep(0.02)
-    rc = os.waitstatus_to_exitcode(status)
-    if rc != 0:
-        raise StageFailed(f"{module} {' '.join(args)} failed ({rc}); see {log_path}:\n{log_path.read_text()[-2000:]}")
-    return {"seconds": time.monotonic() - t0, "peak_rss_mb": usage.ru_maxrss / 1024, "first_step_s": first}
+    """Run `python -m module args` (mol.stage_process); its wall time, peak RSS (kernel's ru_maxrss)
+    and, for training, the seconds from its start until metrics.jsonl holds the first optimizer step."""
+    done = run_stage(module, args, log_path, reached=_first_step(first_step_file) if first_step_file else None)
+    return {"seconds": done.seconds, "peak_rss_mb": done.peak_rss_mb, "first_step_s": done.reached_s}
 
 
 def run_scale(work: Path, sizes: dict[str, int] | None = None, progress=print) -> dict:

@@ -24,7 +24,7 @@ from .errors import MolError
 from .model import (load_model, load_tokenizer, model_fingerprint, pick_device, resolve_model_path,
                     tokenizer_fingerprint)
 from .reader import StreamingSequences
-from .run_folder import SUMMARY, TENSORBOARD, RunFolder, non_finite
+from .run_folder import SUMMARY, RunFolder, non_finite
 
 log = logging.getLogger(__name__)
 
@@ -353,7 +353,7 @@ class _Loop:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(self.run.path / TENSORBOARD), purge_step=start or None)
+                self.tb = SummaryWriter(str(self.run.tensorboard_dir), purge_step=start or None)
             except ImportError:  # tensorboard is optional at run time
                 pass
 
