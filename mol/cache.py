@@ -1020,6 +1020,23 @@ class CacheUnit:
                 out.append(f"{s['file']}: {problem}")
         return out
 
+    def _verify_shard(self, s: dict, last_part: bool, checksums: bool, contents: bool) -> list[str]:
+        """One shard's checks for `verify`, as problems relative to the unit folder."""
+        p = self.path / s["file"]
+        if not p.is_file():
+            return [f"{s['file']}: missing"]
+        if p.stat().st_size != s["bytes"]:
+            return [f"{s['file']}: {p.stat().st_size} bytes, manifest says {s['bytes']}"]
+        if checksums:
+            try:
+                self.require_sha256(s)
+            except CacheError:
+                return [f"{s['file']}: sha256 mismatch (corrupt or modified)"]
+        found = self._check_shard(s, p, last_part)
+        if contents and not found:
+            found = self._check_rows(s, p)
+        return found
+
     def verify(self, progress=None, *, checksums: bool = True, contents: bool = True) -> list[str]:
         """Check the unit; return the problems (empty = ok). Always: every shard's existence, size,
         schema, rows, seq_id ranges and resume record (footers only), the parts of each segment
@@ -1037,25 +1054,14 @@ class CacheUnit:
             if parts != list(range(len(parts))):
                 problems.append(f"{prefix}{MANIFEST}: segment {seg} lists parts {parts[:20]}, not 0..{len(parts) - 1} "
                                 f"(a part missing or listed twice)")
-        for s in self.manifest["shards"]:
-            p = self.path / s["file"]
-            if not p.is_file():
-                problems.append(f"{prefix}{s['file']}: missing")
-            elif p.stat().st_size != s["bytes"]:
-                problems.append(f"{prefix}{s['file']}: {p.stat().st_size} bytes, manifest says {s['bytes']}")
-            else:
-                try:
-                    if checksums:
-                        self.require_sha256(s)
-                except CacheError:
-                    problems.append(f"{prefix}{s['file']}: sha256 mismatch (corrupt or modified)")
-                else:
-                    found = self._check_shard(s, p, s["part"] == last[s["segment"]])
-                    if contents and not found:
-                        found = self._check_rows(s, p)
-                    problems += [prefix + q for q in found]
-            if progress:
-                progress(1)
+        # shards are independent and their reads, hashes and decodes release the GIL: one thread a core
+        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+            checks = pool.map(lambda s: self._verify_shard(s, s["part"] == last[s["segment"]], checksums, contents),
+                              self.manifest["shards"])
+            for found in checks:
+                problems += [prefix + q for q in found]
+                if progress:
+                    progress(1)
         # an entry removed from the manifest would silently drop its rows from training
         listed = {s["file"] for s in self.manifest["shards"]}
         for p in sorted(self.path.glob(SHARD_GLOB)):
