@@ -113,7 +113,9 @@ def _prose(text: str) -> str:
 
 
 def _anchors(path: Path) -> set[str]:
-    heads = re.findall(r"^#{1,6}\s+(.*)$", _prose(path.read_text(encoding="utf-8")), flags=re.M)
+    # fenced blocks hold no headings, but a heading's inline code is part of its anchor
+    text = re.sub(r"^```.*?^```", "", path.read_text(encoding="utf-8"), flags=re.S | re.M)
+    heads = re.findall(r"^#{1,6}\s+(.*)$", text, flags=re.M)
     return {_slug(h) for h in heads}
 
 
