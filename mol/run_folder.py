@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, MolConfig, config_to_dict, dump_config, expand_path, load_config
+from .config import ConfigError, MolConfig, config_to_dict, config_yaml, expand_path, load_config
 from .errors import MolError
 from .files import fsync_dir, fsync_tree, replace_durably, try_lock, write_atomic
 
@@ -220,7 +220,7 @@ class RunFolder:
         return rec
 
     def start(self, cfg: MolConfig, cache_fingerprint: str, cache_dir: Path) -> None:
-        dump_config(cfg, self.path / CONFIG)
+        self._write(self.path / CONFIG, config_yaml(cfg).encode())
         self._write_record({"cache_fingerprint": cache_fingerprint, "cache_dir": str(cache_dir),
                             "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "resumes": []})
 
