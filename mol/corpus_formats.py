@@ -103,6 +103,14 @@ def _parse_json_line(raw: bytes, where: Where) -> object:
         return CorpusError(f"{where}: invalid JSON ({e.msg}; column {e.colno})")
 
 
+def _json_line(path: Path, raw: bytes, pos: int, line: int | None):
+    """One JSONL line that starts at `pos` (its line number `line`, None when unknown): the reader's
+    item (None for a blank line), then the position and line number after it."""
+    where = Where(path, line, pos)
+    pos, line = pos + len(raw), (line + 1 if line is not None else None)
+    return ((where, _parse_json_line(raw.rstrip(b"\r\n"), where), pos, line) if raw.strip() else None), pos, line
+
+
 # A reader yields (where, record, position after it, line after it); a record that cannot be
 # parsed comes as a CorpusError in place of the record. Positions are what a resume seeks to.
 
@@ -119,11 +127,9 @@ def _jsonl_records(path: Path, start: int, end: int | None, line: int | None, fr
             raw = f.readline()
             if not raw:
                 return
-            where = Where(path, line, pos)
-            pos += len(raw)
-            line = line + 1 if line is not None else None
-            if raw.strip():
-                yield where, _parse_json_line(raw.rstrip(b"\r\n"), where), pos, line
+            item, pos, line = _json_line(path, raw, pos, line)
+            if item:
+                yield item
 
 
 class _ZstdFrames(io.RawIOBase):
@@ -173,11 +179,9 @@ def _jsonl_zst_records(path: Path, start: int, line: int | None):
             while left > 0 and (chunk := stream.read(min(left, 1 << 22))):
                 left -= len(chunk)
             for raw_line in stream:
-                where = Where(path, line, pos)
-                pos += len(raw_line)
-                line = line + 1 if line is not None else None
-                if raw_line.strip():
-                    yield where, _parse_json_line(raw_line.rstrip(b"\r\n"), where), pos, line
+                item, pos, line = _json_line(path, raw_line, pos, line)
+                if item:
+                    yield item
         except zstandard.ZstdError as e:
             raise CorpusError(f"{path}: not a valid zstd stream ({e})") from None
         except EOFError:

@@ -113,12 +113,17 @@ def _png(fig, ax) -> bytes:
     return buf.getvalue()
 
 
+def _train_lines(ax, train: list[dict], key: str, label: str) -> None:
+    """The training values of `key/<corpus>`, one thin line a corpus in its colour."""
+    for c in CORPORA:
+        x, y = series(train, f"{key}/{c}")
+        if x:
+            ax.plot(x, y, lw=0.8, alpha=0.7, color=CORPUS_COLOURS[c], label=f"{label} {c}")
+
+
 def plot_ce(train: list[dict], val: list[dict], corpus_of: dict[str, str], title: str) -> bytes:
     fig, ax = _new_axes(f"{title}: cross-entropy", "CE (nats/token)")
-    for c in CORPORA:
-        x, y = series(train, f"ce/{c}")
-        if x:
-            ax.plot(x, y, lw=0.8, alpha=0.7, color=CORPUS_COLOURS[c], label=f"train CE {c}")
+    _train_lines(ax, train, "ce", "train CE")
     subsets = _val_subsets(val, "ce/")
     colours = _subset_colours(subsets, corpus_of)
     for s in subsets:
@@ -142,10 +147,7 @@ def plot_grad_norm(train: list[dict], grad_clip: float | None, title: str) -> by
 
 def plot_kl(train: list[dict], val: list[dict], title: str) -> bytes:
     fig, ax = _new_axes(f"{title}: KL to the base model", "KL (nats/token)")
-    for c in CORPORA:
-        x, y = series(train, f"kl/{c}")
-        if x:
-            ax.plot(x, y, lw=0.8, alpha=0.7, color=CORPUS_COLOURS[c], label=f"train KL {c}")
+    _train_lines(ax, train, "kl", "train KL")
     for c in ("general", "domain"):
         x, y = series(val, f"kl_to_base/{c}")
         if x:
