@@ -141,7 +141,7 @@ def reader_rate(cache, sequences: int = 3000, micro_batch: int = 4, seed: int = 
     import torch
 
     from .batching import collate
-    from .reader import StreamingSequences
+    from .cache.stream import StreamingSequences
     from .train import DataPlan
 
     torch.set_num_threads(1)

@@ -23,7 +23,7 @@ from .config import MolConfig, check_path, expand_path
 from .errors import MolError
 from .model import (load_model, load_tokenizer, model_fingerprint, pick_device, resolve_model_path,
                     tokenizer_fingerprint)
-from .reader import StreamingSequences
+from .cache.stream import StreamingSequences
 from .run_folder import SUMMARY, RunFolder, non_finite
 
 log = logging.getLogger(__name__)
@@ -278,7 +278,7 @@ def open_cache(cfg: MolConfig, model_path: Path, tokenizer) -> C.TeacherCache:
         raise TrainingError(f"no complete teacher cache at {cache_dir}: run `make teacher-cache` "
                             f"(python -m stages.teacher_cache CONFIG) with the same model/data/teacher settings")
     cache = C.TeacherCache(cache_dir)
-    from .teacher import config_vocab_size
+    from .labels import config_vocab_size
 
     cache.check_compatible(model_fp=model_fingerprint(model_path), tokenizer_fp=tokenizer_fingerprint(model_path),
                            k=cfg.teacher.top_k, vocab_size=config_vocab_size(model_path, tokenizer))
