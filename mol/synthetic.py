@@ -59,13 +59,10 @@ class InstantTeacher:
 
 @contextmanager
 def instant_teacher(k: int, vocab: int):
-    """Within the block, Stage 1 labels with an InstantTeacher instead of loading the model."""
-    from . import teacher
+    """Within the block, Stage 1 labels with an InstantTeacher instead of loading the model (a pass
+    can also be handed one: `run_teacher_pass(cfg, backend=...)`)."""
+    from .teacher import use_backend
 
-    real = teacher.teacher_backend
     stub = InstantTeacher(k, vocab)
-    teacher.teacher_backend = lambda cfg, model_path, device, pad_id: (None, stub)
-    try:
+    with use_backend(lambda cfg, model_path, device, pad_id: (None, stub)):
         yield stub
-    finally:
-        teacher.teacher_backend = real

@@ -2,7 +2,7 @@
 
 The engine is a pooling runner that returns, per prompt, the final (post-norm) hidden states of
 every position (`PoolerConfig(task="token_embed", pooling_type="ALL", use_activation=False)`).
-The labels are then computed from them by `mol.teacher.topk_from_hidden`, the same code the
+The labels are then computed from them by `mol.labels.topk_from_hidden`, the same code the
 transformers backend runs: fp32 logits against the model's output projection, chunked top-k, and
 a residual summed over the positions outside the top-k (its own numerator, never 1 - Σp).
 
@@ -113,8 +113,8 @@ class VllmTeacher:
 
     @torch.no_grad()
     def __call__(self, batch: list):
-        """Same contract as mol.teacher.teacher_labels: per sequence (ids [L-1, k], probs [L-1, k], residual [L-1]) numpy."""
-        from .teacher import topk_from_hidden
+        """Same contract as mol.labels.teacher_labels: per sequence (ids [L-1, k], probs [L-1, k], residual [L-1]) numpy."""
+        from .labels import topk_from_hidden
 
         hs = self.hidden(batch)
         h = torch.cat([x[:-1] for x in hs]).to(self.device)

@@ -14,10 +14,10 @@ from __future__ import annotations
 import sys
 
 from mol.cache import TeacherCache
+from mol.cache.inspect import describe
 from mol.config import check_path, parse_cli
 from mol.teacher import finalize_cache, run_teacher_pass
 from stages._cli import entry_point, token_bar
-from stages.cache_info import describe
 
 
 @entry_point

@@ -1,4 +1,4 @@
-"""The cache contract (mol/cache.py): the label and residual codes, the schema and the plain readers
+"""The cache contract (mol/cache/): the label and residual codes, the schema and the plain readers
 of a built cache, verify naming a bad shard, a cache of another model or k refused."""
 
 import json

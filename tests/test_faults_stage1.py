@@ -22,7 +22,8 @@ from faults_kit import (assert_complete_like, check_cache_state, faults, forge_r
                         rewrite_shard, run_stage, spawn_stage, train_section, unit_shards, vouch_for, write_yaml)
 from mol import cache as C
 from mol.config import load_config
-from mol.teacher import cache_lock, run_teacher_pass
+from mol.cache import cache_lock
+from mol.teacher import run_teacher_pass
 from mol.train import TrainingError, train
 
 
@@ -447,7 +448,7 @@ def _full_disk_on(monkeypatch, n: int, where: str) -> None:
                 raise OSError(errno.ENOSPC, "No space left on device", str(path))
             return real(table, path, *a, **kw)
 
-        monkeypatch.setattr(C.pq, "write_table", fail)
+        monkeypatch.setattr(pq, "write_table", fail)
     else:
         real = os.replace
 
@@ -457,7 +458,7 @@ def _full_disk_on(monkeypatch, n: int, where: str) -> None:
                     raise OSError(errno.ENOSPC, "No space left on device")
             return real(src, dst, *a, **kw)
 
-        monkeypatch.setattr(C.os, "replace", fail)
+        monkeypatch.setattr(os, "replace", fail)
 
 
 @pytest.mark.parametrize("where", ["write", "rename"])
@@ -486,7 +487,7 @@ def test_disk_full_while_writing_the_manifest(small, tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(src, dst, *a, **kw)
 
-    monkeypatch.setattr(C.os, "replace", fail)
+    monkeypatch.setattr(os, "replace", fail)
     with pytest.raises(C.CacheError, match=C.MANIFEST):
         run_teacher_pass(load_config(cfg_path))
     unit0 = [n for n in small["ref"] if n.startswith(next(iter(small["ref"])).split("/")[0] + "/")]

@@ -7,7 +7,8 @@ import pytest
 from conftest import tiny_config
 from mol import cache as C
 from mol.config import load_config
-from mol.reader import StreamingSequences
+from mol.cache import read as cache_read
+from mol.cache.stream import StreamingSequences
 from mol.teacher import run_teacher_pass
 from mol.train import DataPlan
 
@@ -74,7 +75,7 @@ def test_a_shard_is_hashed_once_when_first_read_and_a_mismatch_stops_its_rows(on
     cache = one_row_groups
     hashed = []
     real = C.sha256_path
-    monkeypatch.setattr(C, "sha256_path", lambda p: hashed.append(p.name) or real(p))
+    monkeypatch.setattr(cache_read, "sha256_path", lambda p: hashed.append(p.name) or real(p))
     unit = cache.units[0]
     bad = unit.path / unit.shards[1]["file"]
     data = bytearray(bad.read_bytes())

@@ -12,7 +12,8 @@ from conftest import assert_sqrt_grid, cache_shards, cache_units, tiny_config
 from mol import cache as C
 from mol.config import load_config
 from mol.model import load_model
-from mol.teacher import cache_lock, run_teacher_pass
+from mol.cache import cache_lock
+from mol.teacher import run_teacher_pass
 
 
 def _direct(model, ids):
@@ -31,7 +32,7 @@ def _ascending(top):
 def test_topk_from_hidden_matches_a_float64_dense_softmax():
     """The in-place single-exp labeller against log_softmax in float64, peaked rows included
     (residuals down to ~1e-13, where 1 - Σp in fp32 would be all noise)."""
-    from mol.teacher import topk_from_hidden
+    from mol.labels import topk_from_hidden
 
     g = torch.Generator().manual_seed(0)
     hidden, weight = torch.randn(96, 16, generator=g), torch.randn(300, 16, generator=g)

@@ -24,7 +24,8 @@ from mol import cache as C
 from mol import vllm_teacher as V
 from mol.config import ConfigError, ModelConfig, load_config
 from mol.model import load_model
-from mol.teacher import final_hidden, run_teacher_pass
+from mol.labels import final_hidden
+from mol.teacher import run_teacher_pass
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -28,6 +28,7 @@ import torch
 
 from .. import cache as C
 from ..config import MolConfig, load_config
+from ..spans import NO_SPANS, Spans
 from .sizes import BenchSizes
 from .timing import child_setup, interleaved, med, run_children
 
@@ -40,24 +41,13 @@ log = logging.getLogger(__name__)
 def shard_data(rows: list[dict], labels: Optional[list[tuple]], vocab: int, *, subset: Optional[str] = None,
                record: Optional[dict] = None) -> C.ShardData:
     """Cache rows + exact labels (ids, probs, residual per row, as the teacher gives them) -> the
-    ShardData Stage 1 builds for them: C.encode_labels's codes, and, given a resume `record`, the
-    residual summary and the Parquet metadata the pass writes with each shard."""
-    tok_off = np.zeros(len(rows) + 1, dtype=np.int64)
-    tok_off[1:] = np.cumsum([len(r[C.INPUT_IDS]) for r in rows])
-    d = C.ShardData(seq_id=np.array([r[C.SEQ_ID] for r in rows], dtype=np.int64), corpus=rows[0][C.CORPUS],
-                    subset=subset or rows[0][C.SUBSET], split=["train"] * len(rows),
-                    input_ids=np.concatenate([np.asarray(r[C.INPUT_IDS]) for r in rows]), tok_off=tok_off)
-    if labels is not None:
-        d.topk_ids, d.topk_probs, d.residual = C.encode_labels(np.concatenate([x[0] for x in labels]),
-                                                               np.concatenate([x[1] for x in labels]),
-                                                               np.concatenate([x[2] for x in labels]), vocab)
-    if record is not None:
-        from ..teacher import residual_stats
-
-        if labels is not None:
-            record = {**record, "residual": residual_stats(d.residual)}
-        d.metadata = {C.RESUME_KEY: json.dumps(record, separators=(",", ":")).encode()}
-    return d
+    ShardData Stage 1 builds for them (C.shard_data: the codes, and, given a resume `record`, the
+    residual summary and the Parquet metadata the pass writes with each shard)."""
+    k = labels[0][0].shape[1] if labels else 0
+    return C.shard_data(seq_id=np.array([r[C.SEQ_ID] for r in rows], dtype=np.int64), corpus=rows[0][C.CORPUS],
+                        subset=subset or rows[0][C.SUBSET], splits=["train"] * len(rows),
+                        rows=[np.asarray(r[C.INPUT_IDS]) for r in rows], labels=labels, k=k, vocab_size=vocab,
+                        record=record)
 
 
 def write_table(d: C.ShardData, path: Path, k: int, vocab: int, zstd_level: int,
@@ -75,7 +65,7 @@ def bench_stage1(model, tokenizer, rows: list[dict], k: int, chunk: int, zstd_le
     table, compresses and writes it on its own threads while the next batch is labelled. The
     write itself is also timed alone (same data, one thread) to show what it would add in series.
     """
-    from ..teacher import teacher_labels
+    from ..labels import teacher_labels
 
     device = next(model.parameters()).device
     seqs = [np.asarray(r[C.INPUT_IDS]) for r in rows]
@@ -179,33 +169,39 @@ def make_stub_teacher(pool: dict, max_len: int) -> Callable[[list], list]:
     return label
 
 
-class _Timers:
-    """Wall and thread-CPU seconds per named function, summed over calls and threads; also which
-    OS thread id belongs to which Python thread (for _ThreadCPU)."""
+class _Timers(Spans):
+    """Wall and thread-CPU seconds per named span (the pass's `Spans`), summed over calls and
+    threads; also which OS thread id belongs to which Python thread (for _ThreadCPU)."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.acc: dict = defaultdict(lambda: {"wall_s": 0.0, "cpu_s": 0.0, "calls": 0, "threads": set()})
         self.tids: dict[int, str] = {threading.get_native_id(): threading.current_thread().name}
 
+    @contextlib.contextmanager
+    def span(self, name: str):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            yield
+        finally:
+            dt, dc = time.perf_counter() - t0, time.thread_time() - c0
+            with self.lock:
+                self.tids[threading.get_native_id()] = threading.current_thread().name
+                x = self.acc[name]
+                x["wall_s"] += dt
+                x["cpu_s"] += dc
+                x["calls"] += 1
+                x["threads"].add(threading.current_thread().name.split("_")[0])
+
     def wrap(self, name: str, fn: Callable) -> Callable:
+        """`fn`, each call timed as the span `name`."""
         def timed(*a, **kw):
-            t0, c0 = time.perf_counter(), time.thread_time()
-            try:
+            with self.span(name):
                 return fn(*a, **kw)
-            finally:
-                dt, dc = time.perf_counter() - t0, time.thread_time() - c0
-                with self.lock:
-                    self.tids[threading.get_native_id()] = threading.current_thread().name
-                    x = self.acc[name]
-                    x["wall_s"] += dt
-                    x["cpu_s"] += dc
-                    x["calls"] += 1
-                    x["threads"].add(threading.current_thread().name.split("_")[0])
         return timed
 
-    def patch(self, owner, attr: str, name: str) -> None:
-        setattr(owner, attr, self.wrap(name, getattr(owner, attr)))
+    def tokenizer(self, tok):
+        return _TimedTokenizer(tok, self)
 
     def report(self) -> dict:
         return {k: {**v, "threads": sorted(v["threads"])} for k, v in self.acc.items()}
@@ -281,11 +277,13 @@ class _ThreadCPU:
 
 
 class _TimedTokenizer:
-    """The tokenizer, its __call__ (the packer's batch tokenization) timed."""
+    """The packer's tokenizer, its __call__ (batch tokenization) and its chat template (the
+    rendering of chat and QA records; a text record is rendered without it) timed."""
 
     def __init__(self, tok, timers: _Timers):
         self._tok = tok
         self._call = timers.wrap("tokenize", tok.__call__)
+        self.apply_chat_template = timers.wrap("render (record_to_text)", tok.apply_chat_template)
 
     def __call__(self, *a, **kw):
         return self._call(*a, **kw)
@@ -295,31 +293,6 @@ class _TimedTokenizer:
 
     def __getattr__(self, name):
         return getattr(self._tok, name)
-
-
-def _instrument_stage1() -> _Timers:
-    """Time the pass's parts where they run: packer thread, main thread, writer threads."""
-    import queue
-
-    from .. import corpora, teacher
-
-    tm = _Timers()
-    load = teacher.load_tokenizer
-    teacher.load_tokenizer = lambda path: _TimedTokenizer(load(path), tm)
-    tm.patch(corpora.SegmentPacker, "_fill", "packer: read + render + tokenize + pack (_fill)")
-    tm.patch(corpora, "record_to_text", "render (record_to_text)")
-    tm.patch(corpora.SegmentPacker, "state", "packer state (resume record)")
-    tm.patch(queue.Queue, "get", "main: waiting for packed groups (queue get)")
-    tm.patch(teacher, "_shard_data", "main: shard data (_shard_data: encode + resume record)")
-    tm.patch(C, "encode_labels", "encode_labels")
-    tm.patch(teacher, "residual_stats", "residual stats")
-    tm.patch(C.ShardWriter, "submit", "main: submit (waits for a free writer slot)")
-    tm.patch(C, "shard_table", "writer: shard_table")
-    tm.patch(C, "write_shard", "writer: write_shard (Parquet encode + zstd + write + fsync)")
-    tm.patch(teacher, "_prepare", "prepare (tokenizer, fingerprints)")
-    tm.patch(teacher, "_finalize_unit", "finalize unit (checksums, card, manifest)")
-    tm.patch(teacher, "_write_set", "set manifest")
-    return tm
 
 
 def stage1_pipeline_config(cfg: MolConfig, model_path: Path, corpus: Path, cache_root: Path,
@@ -341,10 +314,12 @@ def _stage1_pipeline_child(config: dict, pool: str, instrument: bool = False):
     cfg = load_config(data=config)
     with np.load(pool) as z:
         stub = make_stub_teacher({k: z[k] for k in z.files}, cfg.data.max_seq_len)
-    timers = _instrument_stage1() if instrument else None
+    timers = _Timers() if instrument else None
     if timers is not None:
         stub = timers.wrap("main: teacher stub", stub)
-    teacher.teacher_backend = lambda *a, **kw: (None, stub)
+
+    def backend(*args):
+        return None, stub
 
     def run() -> dict:
         marks = []
@@ -353,7 +328,8 @@ def _stage1_pipeline_child(config: dict, pool: str, instrument: bool = False):
         t0 = time.perf_counter()
         with sampler:
             cache_dir, status = teacher.run_teacher_pass(
-                cfg, make_bar=lambda total, desc: (lambda n: marks.append((time.perf_counter(), n))))
+                cfg, make_bar=lambda total, desc: (lambda n: marks.append((time.perf_counter(), n))),
+                backend=backend, spans=timers or NO_SPANS)
         wall = time.perf_counter() - t0
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
         cache = C.TeacherCache(cache_dir)

@@ -125,11 +125,11 @@ def long_rows(seqs: C.Sequences, length: int, n: int) -> list[dict]:
 
 
 def reader_pass(cache_dir: Path, k: int, micro_batch: int, max_cache_bytes: int = 256 << 20, **checks) -> int:
-    """The trainer's data path over the whole train split: one mol.reader.StreamingSequences per
+    """The trainer's data path over the whole train split: one mol.cache.StreamingSequences per
     corpus, opened as train() opens them (index, same decoded row-group budget), the next
     micro-batch prefetched while this one is read, rows + collate. Returns tokens. `checks`:
     StreamingSequences' check_values / check_sha256 (both on unless turned off, as in training)."""
-    from ..reader import StreamingSequences
+    from ..cache.stream import StreamingSequences
 
     cache = C.TeacherCache(cache_dir)
     cpu = torch.device("cpu")

@@ -337,7 +337,7 @@ def storage_study(model, tokenizer, rows: list[dict], k: int, chunk: int, vocab:
     |KL_trunc(stored labels) - KL_trunc(exact labels: the float64 teacher's probabilities of the
     same ids, residual 1 - their sum)| per position.
     """
-    from ..teacher import final_hidden, teacher_labels
+    from ..labels import final_hidden, teacher_labels
 
     device = next(model.parameters()).device
     seqs = [np.asarray(r[C.INPUT_IDS]) for r in rows]

@@ -77,7 +77,7 @@ def measure(spec: dict) -> dict:
 
     from ..config import ModelConfig
     from ..model import load_model, pick_device
-    from ..teacher import teacher_labels
+    from ..labels import teacher_labels
     from ..vllm_teacher import VllmTeacher, engine_arguments
     from .timing import interleaved, med
 

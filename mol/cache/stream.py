@@ -12,7 +12,7 @@ indices name the same sequences either way.
 Nothing decoded reaches a caller unchecked: before a shard's first row group is decoded its bytes
 are hashed against the manifest's sha256 (once per shard, shared by every reader over one
 TeacherCache: the cache's units keep the outcome), and every decoded row group is checked against
-the contract (`cache.sequences_problem`: seq_ids, id ranges, probability codes, mass). A failure is
+the contract (`sequences_problem`: seq_ids, id ranges, probability codes, mass). A failure is
 a CacheError naming the shard and the row, raised to the caller that needed the row.
 """
 
@@ -25,14 +25,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import pyarrow.parquet as pq
 
-from . import cache as C
+from .read import CacheUnit, TeacherCache
+from .schema import CORPUS, INPUT_IDS, SEQ_ID, SPLIT, SUBSET, TEACHER_COLUMNS, CacheError
+from .sequences import Sequences, sequences_from_tables, sequences_problem
 
 
 class StreamingSequences:
     """One split (optionally one corpus) of a cache: `len`, `row(i)` (the dict `Sequences.row`
     gives), `prefetch(indices)`, and per-row `corpus`, `subset`, `has_teacher` arrays."""
 
-    def __init__(self, cache: C.TeacherCache, split: str, corpus: str | None = None,
+    def __init__(self, cache: TeacherCache, split: str, corpus: str | None = None,
                  max_cache_bytes: int = 256 << 20, prefetch_threads: int = 1, check_sha256: bool = True,
                  check_values: bool = True):
         """`check_sha256`, `check_values` (see the module's docstring) are on in every use; off only
@@ -42,7 +44,7 @@ class StreamingSequences:
         self.check_sha256, self.check_values = check_sha256, check_values
         self.max_cache_bytes = max_cache_bytes
         # (shard path, row group, unit, shard entry, the group's first row in the shard)
-        self.groups: list[tuple[str, int, C.CacheUnit, dict, int]] = []
+        self.groups: list[tuple[str, int, CacheUnit, dict, int]] = []
         gid, row, unit_of = [], [], []
         units = [u for u in cache.units if corpus in (None, u.corpus)]
         for ui, u in enumerate(units):
@@ -57,7 +59,7 @@ class StreamingSequences:
                         unit_of.append(np.full(len(local), ui, np.int16))
                         self.groups.append((str(path), g, u, sh, first))
         if not gid:
-            raise C.CacheError(f"{cache.path}: no {split} rows" + (f" for corpus {corpus}" if corpus else ""))
+            raise CacheError(f"{cache.path}: no {split} rows" + (f" for corpus {corpus}" if corpus else ""))
         self._gid, self._row = np.concatenate(gid), np.concatenate(row)
         which = np.concatenate(unit_of)
         self.corpus = np.array([u.corpus for u in units], dtype=object)[which]
@@ -90,7 +92,7 @@ class StreamingSequences:
             out = np.full(sh["rows"], "train", dtype=object)
             out[np.asarray(sh["val_rows"], dtype=np.int64)] = "val"
             return out
-        return pq.read_table(path, columns=[C.SPLIT]).column(C.SPLIT).to_numpy(zero_copy_only=False)
+        return pq.read_table(path, columns=[SPLIT]).column(SPLIT).to_numpy(zero_copy_only=False)
 
     def _file(self, path: str) -> pq.ParquetFile:
         """Open shards are kept (at most 64): parsing a footer costs more than decoding a row group."""
@@ -103,23 +105,23 @@ class StreamingSequences:
                 self._files.popitem(last=False)
             return pf
 
-    def _decode(self, g: int) -> C.Sequences:
+    def _decode(self, g: int) -> Sequences:
         path, rg, unit, entry, first = self.groups[g]
         if self.check_sha256:
             unit.require_sha256(entry)
         # one thread a decode: the row group is small, and the prefetch thread runs beside the trainer
         try:
-            table = self._file(path).read_row_group(rg, columns=[C.SEQ_ID, C.CORPUS, C.SUBSET, C.INPUT_IDS,
-                                                                 *C.TEACHER_COLUMNS], use_threads=False)
+            table = self._file(path).read_row_group(rg, columns=[SEQ_ID, CORPUS, SUBSET, INPUT_IDS,
+                                                                 *TEACHER_COLUMNS], use_threads=False)
         except (OSError, ValueError, IndexError) as e:  # pyarrow's errors for a file not as its footer says
-            raise C.CacheError(f"{path}: row group {rg} cannot be read ({e})") from None
+            raise CacheError(f"{path}: row group {rg} cannot be read ({e})") from None
         rows = first + np.arange(table.num_rows)
-        seqs = C.sequences_from_tables([table], path, self.k, rows)
+        seqs = sequences_from_tables([table], path, self.k, rows)
         if self.check_values:
-            problem = C.sequences_problem(seqs, vocab_size=self.vocab_size, labelled=unit.labelled,
+            problem = sequences_problem(seqs, vocab_size=self.vocab_size, labelled=unit.labelled,
                                           seq_ids=unit.first_seq_id(entry) + rows, rows=rows)
             if problem:
-                raise C.CacheError(f"{path}: {problem}; not training on it")
+                raise CacheError(f"{path}: {problem}; not training on it")
         with self._lock:
             self.decoded_groups += 1
             self._sizes[g] = sum(a.nbytes for a in (seqs.input_ids, seqs.teacher_topk_ids, seqs.teacher_topk_probs,

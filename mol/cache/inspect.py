@@ -1,0 +1,142 @@
+"""What `python -m stages.cache_info` shows and does: a set's or a unit's summary from its manifest,
+an inventory of a cache root's units and the sets that use them, verification, and the removal of
+units and sets no config uses (`garbage_collect`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from ..config import expand_path, load_config
+from ..files import try_lock
+from .keys import resolve_cache_key
+from .manifest import sets_using
+from .read import CacheUnit, TeacherCache
+from .schema import SETS_DIR, UNITS_DIR, CacheError
+
+
+def describe(cache: TeacherCache) -> str:
+    m = cache.manifest
+    t, r, key = cache.totals, m["residual"], cache.key
+    lines = [
+        f"cache        {cache.path}",
+        f"model        {m['model']['name']}  (fingerprint {key['model_fingerprint'][:12]}, vocab {cache.vocab_size})",
+        f"k            {cache.k}   label_domain={cache.label_domain}   max_seq_len={key['packing']['max_seq_len']}",
+        f"sequences    {t['sequences']}   tokens {t['tokens']}   units {len(cache.units)}   shards {cache.shard_count}",
+        f"bytes        {t['bytes']}   ({t['bytes_per_token']:.1f} bytes/token)",
+    ]
+    if r.get("positions"):
+        lines.append(f"residual r0  mean {r['mean']:.4f}  median {r['median']:.4f}  p90 {r['p90']:.4f}  p99 {r['p99']:.4f}"
+                     f"  (below 1e-30: {r.get('below_1e-30', 0)} of {r['positions']}; fp16 would store "
+                     f"{r.get('fp16_would_be_zero', 0)} zeros, {r.get('fp16_would_be_subnormal', 0)} subnormals)")
+    if m.get("run", {}).get("teacher_tokens_per_s"):
+        lines.append(f"teacher      {m['run']['teacher_tokens_per_s']:.0f} tokens/s on {m['run']['device']}")
+    f = m.get("fidelity") or {}
+    if f:
+        lines.append(f"fidelity     mean |KL_cached - KL_exact| = {f['kl_quantisation_mean_abs']:.2e} nats/token "
+                     f"(max {f['kl_quantisation_max_abs']:.1e}); vs dense full-vocab KL {f['kl_truncation_mean_abs']:.2e} "
+                     f"(dense KL {f['kl_dense_mean']:.3f}); {f['positions']} positions, probe: {f['probe']}")
+    lines.append("counts       " + "  ".join(f"{k}={v['sequences']}" for k, v in sorted(m["counts"].items())))
+    for u in m["units"]:
+        p = u.get("this_pass") or {}
+        lines.append(f"unit         {u['dir']}  {u['corpus']}/{u['subset']}  {u['tokens']} tokens  "
+                     f"{u['bytes'] / max(u['tokens'], 1):.1f} B/token" + (f"  [{p['status']}, {p['labelled_tokens']} tokens labelled]"
+                                                                        if p else ""))
+    return "\n".join(lines)
+
+
+def describe_unit(unit: CacheUnit) -> str:
+    m = unit.manifest
+    t, src = unit.totals, unit.source
+    return "\n".join([
+        f"unit         {unit.path}",
+        f"source       {src['corpus']}/{src['subset']}  {m['source']['path']}  sha256 {src['sha256'][:12]}",
+        f"model        {m['model']['name']}  (fingerprint {unit.key['model_fingerprint'][:12]})  k {unit.k}"
+        f"  labelled={unit.labelled}",
+        f"sequences    {t['sequences']}   tokens {t['tokens']}   shards {unit.shard_count}   segments {m.get('segments')}",
+        f"bytes        {t['bytes']}   ({t['bytes_per_token']:.1f} bytes/token)",
+    ])
+
+
+def inventory(root: Path) -> str:
+    users = sets_using(root)
+    rows = [f"{'unit':58} {'source':28} {'tokens':>12} {'bytes':>14} {'B/token':>8}  used by"]
+    for d in sorted((root / UNITS_DIR).glob("*")):
+        if not d.is_dir():
+            continue
+        try:
+            unit = CacheUnit(d)
+            src = f"{unit.corpus}/{unit.subset}"
+            t = unit.totals
+            rows.append(f"{d.name:58} {src:28} {t['tokens']:>12} {t['bytes']:>14} {t['bytes_per_token']:>8.1f}  "
+                        + (", ".join(users.get(d.name, [])) or "-"))
+        except CacheError:
+            size = sum(p.stat().st_size for p in d.glob("*") if p.is_file())
+            rows.append(f"{d.name:58} {'(incomplete)':28} {'?':>12} {size:>14} {'':>8}  " + (", ".join(users.get(d.name, [])) or "-"))
+    return "\n".join(rows)
+
+
+def _locked(folder: Path) -> int | None:
+    """Take the folder's lock, the one every teacher pass, worker and finalize takes: the
+    descriptor, or None while one of them holds it. Kept until the folder is gone, so a pass
+    starting meanwhile is refused instead of writing into a folder being deleted."""
+    try:
+        return try_lock(folder / ".lock")
+    except BlockingIOError:
+        return None
+
+
+def garbage_collect(configs: list[str], yes: bool, say=print) -> int:
+    """Remove (`yes`; else list) every unit and set folder under these configs' cache roots that none
+    of them uses, each under its lock; `say` gets one line a folder and the total."""
+    cfgs = [load_config(c) for c in configs]
+    roots = {expand_path(c.teacher.cache_root) for c in cfgs}
+    keep = set()
+    for c in cfgs:
+        rk = resolve_cache_key(c)
+        keep |= {u.dir.name for u in rk.units} | {rk.cache_dir.name}
+    freed = 0
+    for root in sorted(roots):
+        for kind in (UNITS_DIR, SETS_DIR):
+            for d in sorted((root / kind).glob("*")):
+                if not d.is_dir() or d.name in keep:
+                    continue
+                fd = _locked(d)
+                if fd is None:
+                    say(f"skip   {d} (a teacher pass holds its lock)")
+                    continue
+                try:
+                    size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+                    freed += size
+                    say(f"{'remove' if yes else 'would remove'} {d}  ({size / 1e6:.1f} MB)")
+                    if yes:
+                        # Renamed first, under the lock: rmtree unlinks .lock before the folder is
+                        # gone, and a pass starting then would lock a new .lock inside it. After the
+                        # rename a pass starts a fresh folder; a gc killed mid-delete leaves a .gc-*
+                        # folder (the next gc removes it), never a half unit under its own name.
+                        doomed = d if d.name.startswith(".gc-") else d.with_name(f".gc-{d.name}-{os.getpid()}")
+                        os.rename(d, doomed)
+                        shutil.rmtree(doomed)
+                finally:
+                    os.close(fd)
+    say(f"{'freed' if yes else 'would free'} {freed / 1e6:.1f} MB" + ("" if yes else "; run again with --yes to remove"))
+    return 0
+
+
+def open_folder(path: Path) -> CacheUnit | TeacherCache:
+    """A unit folder (under units/) or a set folder, opened through its manifest."""
+    return CacheUnit(path) if path.parent.name == UNITS_DIR else TeacherCache(path)
+
+
+def summary(cache: CacheUnit | TeacherCache) -> str:
+    """`describe` a set, `describe_unit` a unit."""
+    return describe_unit(cache) if isinstance(cache, CacheUnit) else describe(cache)
+
+
+def verify_report(cache: CacheUnit | TeacherCache, progress=None) -> tuple[bool, str]:
+    """(ok, the line or lines to print) of verifying every shard of a set or a unit."""
+    problems = cache.verify(progress=progress)
+    if problems:
+        return False, "VERIFY FAILED:\n  " + "\n  ".join(problems)
+    return True, f"verify       ok: {cache.shard_count} shards match their sha256, schema and row counts"
