@@ -252,7 +252,7 @@ def _evaluate(run_dir: Path, cfg: MolConfig, summary: dict, kind: str, weights: 
     model_path = Path(summary["model_path"]) if "model_path" in summary else resolve_model_path(cfg.model.name)
     # KL-to-base is only meaningful against labels from this very base model
     cache.check_compatible(model_fp=model_fingerprint(model_path), tokenizer_fp=tokenizer_fingerprint(model_path),
-                           k=cache.k)
+                           k=cfg.teacher.top_k)
     val = cache.load("val") if cache.sequences_in("val") else None
     if val is None:
         log.warning("cache %s has no validation sequences: no perplexity, only the lm-eval tasks", cache.path)
