@@ -48,12 +48,12 @@ pq.write_table = _write
 
 def _pre_slow_shards(seconds: float) -> str:
     return f"""
-import time, mol.cache as C
-_real = C.write_shard
+import time, mol.cache.writer as W
+_real = W.write_shard
 def _slow(*a, **kw):
     _real(*a, **kw)
     time.sleep({seconds})
-C.write_shard = _slow
+W.write_shard = _slow
 """
 
 
