@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from . import cache as C
-from .cache import cache_lock  # noqa: F401  (Stage 1's lock, also imported from here)
+from .cache import cache_lock
 from .config import MolConfig, dump_config
 from .corpora import CorpusError, Segment, SegmentPacker, SourceReport, check_report, source_caps, source_segments
 from .labels import check_top_k, config_vocab_size, measure_fidelity, teacher_labels
