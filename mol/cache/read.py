@@ -306,7 +306,8 @@ class CacheUnit(CacheFolder):
 
 
 class TeacherCache(CacheFolder):
-    """A config's complete cache: its set manifest and the units it lists, in config order."""
+    """A set (`sets/<model>-<fp16>/`, what `resolve_cache_key` names as a ResolvedSet): a config's
+    complete cache, its set manifest and the units it lists, in config order."""
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
