@@ -383,19 +383,23 @@ def run_teacher_pass(cfg: MolConfig, make_bar: Optional[MakeBar] = None, *, back
     p.bar = make_bar(None, "teacher pass" if not sharded else f"teacher pass, worker {me}/{n_workers}")
     deferred: list[tuple[C.ResolvedUnit, dict]] = []
     with cache_lock(rk.cache_dir, me if sharded else None, shared=sharded):
-        if me == 0:
-            dump_config(cfg, rk.cache_dir / "config.yaml")
-        for i, u in enumerate(rk.units):
-            mine = [s for j, s in items if j == i]
-            if mine:
-                _label_unit(p, i, mine, outcome, deferred)
-                log.info("unit %s (%s/%s): %s, %d tokens labelled", u.name, u.source.corpus, u.source.subset,
-                         outcome[i]["status"], outcome[i]["labelled_tokens"])
+        try:
+            if me == 0:
+                dump_config(cfg, rk.cache_dir / "config.yaml")
+            for i, u in enumerate(rk.units):
+                mine = [s for j, s in items if j == i]
+                if mine:
+                    _label_unit(p, i, mine, outcome, deferred)
+                    log.info("unit %s (%s/%s): %s, %d tokens labelled", u.name, u.source.corpus, u.source.subset,
+                             outcome[i]["status"], outcome[i]["labelled_tokens"])
+        finally:
+            # on every way out, workers and failures included: a vLLM engine frees its memory before the
+            # deferred finalize loads a transformers model, and never outlives the pass in a caller's process
+            p.labeller.close()
         if sharded:
             log.info("worker %d of %d done; when every worker is, run the finalize step "
                      "(python -m stages.teacher_cache CONFIG teacher.num_workers=%d --finalize)", me, n_workers, n_workers)
             return rk.cache_dir, "worker-done"
-        p.labeller.close()
         for u, stats in deferred:
             with cache_lock(u.dir, what="unit"):
                 if not (u.dir / C.MANIFEST).is_file():  # another config's pass may have finalized it meanwhile

@@ -25,7 +25,7 @@ from mol import vllm_teacher as V
 from mol.config import ConfigError, ModelConfig, load_config
 from mol.model import load_model
 from mol.labels import final_hidden
-from mol.teacher import run_teacher_pass
+from mol.teacher import finalize_cache, run_teacher_pass
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,10 +53,10 @@ def test_output_projection_missing_is_a_config_error(tmp_path):
         V.output_projection(tmp_path)
 
 
-def test_stage1_through_the_vllm_path(tiny_model_dir, corpora, tmp_path, monkeypatch):
-    """run_teacher_pass with backend=vllm, the engine's hidden states replaced by the tiny model's:
-    the labels VllmTeacher computes, the deferred finalize (engine closed, then a transformers model
-    measures fidelity), and the manifest, against the transformers backend's cache."""
+@pytest.fixture
+def hidden_states_engine(tiny_model_dir, monkeypatch):
+    """VllmTeacher with the engine's hidden states replaced by the tiny model's own; the list it
+    returns records each close()."""
     tiny = load_model(tiny_model_dir, ModelConfig(name=str(tiny_model_dir))).eval()
     closed = []
 
@@ -76,6 +76,14 @@ def test_stage1_through_the_vllm_path(tiny_model_dir, corpora, tmp_path, monkeyp
             self.llm = None
 
     monkeypatch.setattr(V, "VllmTeacher", HiddenStatesEngine)
+    return closed
+
+
+def test_stage1_through_the_vllm_path(tiny_model_dir, corpora, tmp_path, hidden_states_engine):
+    """run_teacher_pass with backend=vllm, the engine's hidden states replaced by the tiny model's:
+    the labels VllmTeacher computes, the deferred finalize (engine closed, then a transformers model
+    measures fidelity), and the manifest, against the transformers backend's cache."""
+    closed = hidden_states_engine
     ref_dir, _ = run_teacher_pass(load_config(data=tiny_config(tiny_model_dir, corpora, tmp_path / "hf")))
     cfg = load_config(data=tiny_config(tiny_model_dir, corpora, tmp_path / "vllm", teacher={"backend": "vllm"}))
     v_dir, status = run_teacher_pass(cfg)
@@ -92,6 +100,29 @@ def test_stage1_through_the_vllm_path(tiny_model_dir, corpora, tmp_path, monkeyp
     assert np.array_equal(a.teacher_topk_ids, b.teacher_topk_ids)
     assert np.abs(a.teacher_topk_probs.astype(int) - b.teacher_topk_probs.astype(int)).max() <= 1  # one code step
     assert np.abs(a.teacher_residual.astype(int) - b.teacher_residual.astype(int)).max() <= 1
+
+
+def test_sharded_vllm_workers_and_finalize_equal_one_vllm_pass(tiny_model_dir, corpora, tmp_path,
+                                                                hidden_states_engine):
+    """teacher.backend=vllm with two workers on small segments, then finalize: the same shards
+    (sha256) and fidelity as a single vLLM pass; each worker closes its engine, and finalize starts
+    none (it measures fidelity with a transformers model)."""
+    over = {"data": {"segment_bytes": 1024}, "teacher": {"backend": "vllm"}}
+    one_dir, _ = run_teacher_pass(load_config(data=tiny_config(tiny_model_dir, corpora, tmp_path / "one", **over)))
+    assert len(hidden_states_engine) == 1
+    data = tiny_config(tiny_model_dir, corpora, tmp_path / "two", **over)
+    for i in range(2):
+        data["teacher"].update(num_workers=2, worker_index=i)
+        assert run_teacher_pass(load_config(data=data))[1] == "worker-done"
+    assert len(hidden_states_engine) == 3
+    two_dir, status = finalize_cache(load_config(data=data))
+    assert status == "finalized" and two_dir.name == one_dir.name and len(hidden_states_engine) == 3
+    one, two = C.TeacherCache(one_dir), C.TeacherCache(two_dir)
+    assert two.verify() == []
+    for a, b in zip(one.units, two.units):
+        assert b.manifest["segments"] > 1 and b.manifest["run"]["workers"] == 2
+        assert [s["sha256"] for s in b.manifest["shards"]] == [s["sha256"] for s in a.manifest["shards"]]
+        assert b.manifest["fidelity"] == a.manifest["fidelity"]
 
 
 def test_without_vllm_the_error_says_how_to_install(tiny_model_dir, corpora, tmp_path, monkeypatch):
