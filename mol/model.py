@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .files import sha256_path, write_atomic
+from .files import fsync_tree, replace_durably, sha256_path, write_atomic
 from .config import ModelConfig, mol_home
 from .errors import MolError
 
@@ -89,8 +89,6 @@ def convert_default_model(target: Path | None = None) -> Path:
     tok.save_pretrained(tmp)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(target, ignore_errors=True)
-    from .files import fsync_tree, replace_durably
-
     fsync_tree(tmp)  # save_pretrained does not fsync: a power loss must not leave a torn model here
     replace_durably(tmp, target)
     return target

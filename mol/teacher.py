@@ -417,12 +417,13 @@ def _unit_shards(u: C.ResolvedUnit, segments: list[Segment], n_workers: int, fir
     a CacheError names each incomplete segment and the worker that owns it."""
     out, missing = [], []
     for j, seg in enumerate(segments):
-        nxt, last = C.segment_progress(u.dir, u.fingerprint, u.key["rows_per_shard"], seg.index)
-        if last is None or not last.get("end"):
-            missing.append(f"{C.UNITS_DIR}/{u.name} segment {seg.index}: {nxt} part(s) written, not finished "
+        # the records the prefix check already read: no shard's footer is read twice
+        records = C.segment_prefix(u.dir, u.fingerprint, u.key["rows_per_shard"], seg.index)
+        if not records or not records[-1].get("end"):
+            missing.append(f"{C.UNITS_DIR}/{u.name} segment {seg.index}: {len(records)} part(s) written, not finished "
                            f"(worker {(first_item + j) % n_workers})")
             continue
-        out += [(seg.index, part, C.shard_resume(u.dir / C.shard_name(seg.index, part))) for part in range(nxt)]
+        out += [(seg.index, part, rec) for part, rec in enumerate(records)]
     if missing:
         raise C.CacheError(f"{len(missing)} segment(s) unfinished with teacher.num_workers = {n_workers}: "
                            + "; ".join(missing[:20]) + (" ..." if len(missing) > 20 else "")

@@ -90,7 +90,7 @@ from .manifest import (  # noqa: F401
     write_card, write_manifest,
 )
 from .sequences import MASS_TOLERANCE, Sequences, concat_sequences, sequences_from_tables, sequences_problem  # noqa: F401
-from .writer import ShardWriter, cache_lock, segment_progress, write_shard  # noqa: F401
+from .writer import ShardWriter, cache_lock, segment_prefix, segment_progress, write_shard  # noqa: F401
 from .read import COMPATIBILITY, CacheFolder, CacheUnit, TeacherCache, key_problems  # noqa: F401
 from .stream import StreamingSequences  # noqa: F401
 from .keys import (  # noqa: F401

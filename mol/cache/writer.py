@@ -124,7 +124,14 @@ def cache_lock(folder: Path, worker: int | None = None, shared: bool = False, wh
 
 def segment_progress(folder: Path, unit_fp: str, rows_per_shard: int, segment: int) -> tuple[int, dict | None]:
     """(next part to write, resume record of the part before it) of one segment of the unit in
-    `folder` (fingerprint `unit_fp`), from the shards on disk.
+    `folder` (fingerprint `unit_fp`): see `segment_prefix`."""
+    records = segment_prefix(folder, unit_fp, rows_per_shard, segment)
+    return len(records), (records[-1] if records else None)
+
+
+def segment_prefix(folder: Path, unit_fp: str, rows_per_shard: int, segment: int) -> list[dict]:
+    """The resume records of the parts 0, 1, ... of one segment of the unit in `folder`
+    (fingerprint `unit_fp`) that are on disk and trusted, in order.
 
     Parts are renamed by parallel writer threads, so a kill can leave part p+1 without part p:
     the pass resumes after the contiguous prefix (and rewrites the same bytes after it). A shard
@@ -134,9 +141,9 @@ def segment_progress(folder: Path, unit_fp: str, rows_per_shard: int, segment: i
     no part of the segment (the finalize refuses it)."""
     parts = sorted(p for p in (parse_shard_name(f.name) for f in folder.glob(f"shard-{segment:05d}-*.parquet"))
                    if p is not None)
-    nxt, last = 0, None
+    records = []
     for seg, part in parts:
-        if part != nxt or (last is not None and last.get("end")):
+        if part != len(records) or (records and records[-1].get("end")):
             break
         path = folder / shard_name(seg, part)
         rec = shard_resume(path)
@@ -148,5 +155,5 @@ def segment_progress(folder: Path, unit_fp: str, rows_per_shard: int, segment: i
         if problems:
             raise CacheError(f"{path}: its rows contradict its resume record ({'; '.join(problems[:3])}); "
                              f"not resuming from it: remove it and run again")
-        nxt, last = part + 1, rec
-    return nxt, last
+        records.append(rec)
+    return records
