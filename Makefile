@@ -102,6 +102,19 @@ JOBS ?= 2
 experiment: data model
 	$(PY) -m stages.experiment $(EXPERIMENT_CONFIG) --jobs $(JOBS) $(ARGS)
 
+# Which α and ratio: a grid of runs and a CE-only/MoL forgetting pair from one cache -> docs/frontier/
+# (about 2 h on a 2-core CPU; finished runs are skipped, so a second call only redraws the page)
+FRONTIER_CONFIG ?= data/frontier.yaml
+.PHONY: frontier
+frontier: data model
+	$(PY) -m stages.frontier $(FRONTIER_CONFIG) --jobs $(JOBS) $(ARGS)
+
+# Random-initialised models of real shapes (tiny, qwen3-0.6b, qwen3-8b): Stage 1 / Stage 2 figures as
+# ratios on whatever device is there -> bench/shapes.{json,md} (docs/scale-out.md)
+.PHONY: bench-shapes
+bench-shapes: setup
+	$(PY) -m stages.bench_shapes $(ARGS)
+
 # Both stages at 1M, 10M and 30M tokens (tiny model, synthetic corpora): peak RSS per stage, time to
 # the first step, tokens/s, bytes/token -> bench/scale.md (about 6 min on a 2-core CPU)
 .PHONY: scale

@@ -91,13 +91,15 @@ def micro_batch_loss(model, batch: dict, *, w_ce: torch.Tensor, w_kl: torch.Tens
 
 @torch.no_grad()
 def subset_losses(model, seqs: C.Sequences, k: int, device: torch.device, batch_size: int = 4,
-                  chunk: int = 1024, max_per_subset: int | None = None) -> dict:
+                  chunk: int = 1024, max_per_subset: int | None = None, per_sequence: bool = False) -> dict:
     """Token-weighted CE per subset, and KL-to-base per subset where the cache has teacher labels.
 
     Returns {"ce/<subset>": float, "kl_to_base/<subset>": float, "tokens/<subset>": int,
     "ce/<corpus>": float, "kl_to_base/<corpus>": float}. CE is the mean next-token NLL (exp of it
     is the perplexity); KL is the truncated reverse KL to the cached teacher (0 for the base model
-    up to the cache's quantisation).
+    up to the cache's quantisation). With `per_sequence`, also "ce_seq/<subset>": each sequence's
+    mean CE in cache order, so that two models' figures on the same sequences can be compared
+    pair by pair (a paired standard error; the step-0 validation is the base model's).
     """
     was_training = model.training
     model.eval()
@@ -105,6 +107,7 @@ def subset_losses(model, seqs: C.Sequences, k: int, device: torch.device, batch_
     for i in range(len(seqs)):
         idx_by_subset[seqs.subset[i]].append(i)
     sums = defaultdict(float)
+    seq_ce: dict[str, list[float]] = {}
     for subset, idx in idx_by_subset.items():
         idx = idx[:max_per_subset] if max_per_subset else idx
         for a in range(0, len(idx), batch_size):
@@ -115,6 +118,8 @@ def subset_losses(model, seqs: C.Sequences, k: int, device: torch.device, batch_
                                    chunk_size=chunk)
             n = out.n_tokens.double()
             corpus = rows[0][C.CORPUS]
+            if per_sequence:
+                seq_ce.setdefault(subset, []).extend(round(float(v), 6) for v in out.ce)
             for key in (subset, corpus):
                 sums[f"ce_sum/{key}"] += float((out.ce.double() * n).sum())
                 sums[f"n/{key}"] += float(n.sum())
@@ -128,4 +133,5 @@ def subset_losses(model, seqs: C.Sequences, k: int, device: torch.device, batch_
         res[f"tokens/{key}"] = int(sums[f"n/{key}"])
         if sums.get(f"nkl/{key}"):
             res[f"kl_to_base/{key}"] = sums[f"kl_sum/{key}"] / sums[f"nkl/{key}"]
+    res.update({f"ce_seq/{subset}": v for subset, v in seq_ce.items()})
     return res

@@ -80,6 +80,9 @@ class SourceConfig:
     """Cap on this source's packed training sequences (overrides data.max_train_sequences)."""
     max_val_sequences: Optional[int] = None
     """Cap on this source's packed validation sequences (overrides data.max_val_sequences)."""
+    heldout: bool = False
+    """Every document goes to the validation split, none to training: a set that no run trains on,
+    to measure drift on text outside every training corpus (Stage 1 labels it like any other)."""
 
     def validate(self) -> list[str]:
         out = []
@@ -91,6 +94,8 @@ class SourceConfig:
             v = getattr(self, name)
             if v is not None and v < (1 if name == "max_records" else 0):
                 out.append(f"{name} must be >= {1 if name == 'max_records' else 0}, got {v}")
+        if self.heldout and self.max_val_sequences == 0:
+            out.append("heldout: true with max_val_sequences: 0 keeps nothing of this source")
         return out
 
 

@@ -265,7 +265,8 @@ class SegmentPacker:
         for where, rec, pos, line in reader:
             try:
                 text = record_to_text(rec, where, self.tokenizer, self.template_kwargs)
-                batch.append((text, "val" if is_val_document(text, self.data.val_fraction) else "train"))
+                held = self.src.heldout or is_val_document(text, self.data.val_fraction)
+                batch.append((text, "val" if held else "train"))
             except CorpusError as e:
                 batch.append((e, None))
             self.pos, self.line = pos, line

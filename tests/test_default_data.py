@@ -16,9 +16,11 @@ from conftest import write_jsonl
 from mol.default_data import (
     DefaultDataError,
     EVAL_FILES,
+    HELDOUT_FILES,
     MANIFEST,
     TRAIN_FILES,
     build_default_data,
+    check_heldout_unseen,
     check_leakage,
     default_download_dir,
     main,
@@ -50,8 +52,8 @@ def builds(tmp_path_factory) -> dict:
 
 def test_every_file_exists_with_records(builds):
     out, manifest = builds["a"], builds["manifest_a"]
-    assert set(manifest["files"]) == set(TRAIN_FILES + EVAL_FILES)
-    for rel in TRAIN_FILES + EVAL_FILES:
+    assert set(manifest["files"]) == set(TRAIN_FILES + HELDOUT_FILES + EVAL_FILES)
+    for rel in TRAIN_FILES + HELDOUT_FILES + EVAL_FILES:
         records = read_jsonl(out / rel)
         assert len(records) > 0, rel
         assert manifest["files"][rel]["records"] == len(records), rel
@@ -119,10 +121,24 @@ def test_real_output_is_leak_free(builds):
         assert info["records"] > 0 and info["examples"]
 
 
+def test_heldout_text_is_unseen_and_checked(builds, tmp_path):
+    out, manifest = builds["a"], builds["manifest_a"]
+    train, held = [out / f for f in TRAIN_FILES], [out / f for f in HELDOUT_FILES]
+    assert check_heldout_unseen(train, held) == []
+    texts = [r["text"] for r in read_jsonl(out / "heldout/narrativeqa.jsonl")]
+    assert len(texts) >= 90 and len(set(texts)) == len(texts)
+    assert "Apache" in manifest["heldout"]["heldout/narrativeqa.jsonl"]["licence"]
+    # the check can fail: a training file that quotes one sentence of a held-out summary
+    sentence = next(s for s in re.split(r"(?<=[.!?])\s+", texts[3]) if len(s) > 40)
+    leaky = write_jsonl(tmp_path / "leaky.jsonl", [{"text": "Intro. " + sentence.upper() + " And more."}])
+    found = check_heldout_unseen([*train, leaky], held)
+    assert len(found) == 1 and "record 4" in found[0] and "leaky.jsonl" in found[0]
+
+
 def test_build_is_deterministic(builds):
     a, b = builds["a"], builds["b"]
     assert builds["manifest_a"] == builds["manifest_b"]
-    for rel in TRAIN_FILES + EVAL_FILES + (MANIFEST,):
+    for rel in TRAIN_FILES + HELDOUT_FILES + EVAL_FILES + (MANIFEST,):
         assert sha256(a / rel) == sha256(b / rel), rel
 
 

@@ -34,7 +34,9 @@ def unit_key(cfg: MolConfig, src: SourceConfig, *, model_fp: str, tokenizer_fp: 
         "packing": {"max_seq_len": cfg.data.max_seq_len, "val_fraction": cfg.data.val_fraction,
                     "segment_bytes": cfg.data.segment_bytes, "on_bad_record": cfg.data.on_bad_record},
         "source": {"corpus": src.corpus, "subset": src.subset, "format": source_format, "sha256": source_fp,
-                   **source_caps(src, cfg.data)},
+                   **source_caps(src, cfg.data),
+                   # only when set, so that every cache made before the field existed keeps its key
+                   **({"heldout": True} if src.heldout else {})},
     }
 
 
