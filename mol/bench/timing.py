@@ -26,6 +26,13 @@ from typing import Any, Callable, Optional
 import torch
 
 
+def _sync() -> None:
+    """Wait for queued GPU work: CUDA calls return before the kernels finish, so a clock read right
+    after them would time the launch, not the work (a no-op on CPU and before CUDA is first used)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def interleaved(tasks: dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -> dict[str, list[float]]:
     """Run every task once per round for warmup + reps rounds; wall seconds of the timed rounds.
 
@@ -37,8 +44,10 @@ def interleaved(tasks: dict[str, Callable[[], Any]], reps: int, warmup: int = 1)
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             gc.collect()
+            _sync()
             t0 = time.perf_counter()
             res = tasks[name]()
+            _sync()
             dt = time.perf_counter() - t0
             if r >= warmup:
                 out[name].append(dt)
