@@ -209,7 +209,7 @@ def _subset_corpora(val: C.Sequences | None) -> dict[str, str]:
 
 def evaluate_run(run_dir: Path, *, mcq_items: int | None = None, eval_dir: Path | None = None,
                  make_bar: Optional[MakeBar] = None, base_json: Path | None = None,
-                 overrides: Sequence[str] = ()) -> dict:
+                 overrides: Sequence[str] = (), heldout: bool = True) -> dict:
     """Evaluate base and trained model of a run; write run_dir/eval.json, eval.md and eval-samples/;
     return the result.
 
@@ -219,7 +219,8 @@ def evaluate_run(run_dir: Path, *, mcq_items: int | None = None, eval_dir: Path 
     pass (lm-eval shows its own bar). base_json: runs sharing a cache share the base model's
     figures: read them from this file when it holds an evaluation of the same cache, tasks, files,
     document count and prompt format; else compute and write it. overrides: `eval.key=value`
-    applied to the run's config (e.g. eval.tasks=[hellaswag]).
+    applied to the run's config (e.g. eval.tasks=[hellaswag]). heldout=False skips the held-out
+    perplexity and KL-to-base (the lm-eval tasks only).
     """
     run_dir = Path(run_dir)
     make_bar = make_bar or _no_bar
@@ -239,7 +240,7 @@ def evaluate_run(run_dir: Path, *, mcq_items: int | None = None, eval_dir: Path 
     tasks = H.resolve_tasks(cfg.eval.mcq_sets, cfg.eval.tasks, eval_dir, n_items) if run_any else None
     try:
         return _evaluate(run_dir, cfg, summary, kind, weights, n_items, eval_dir, tasks, make_bar, base_json, saved,
-                         device)
+                         device, heldout)
     finally:
         if tasks is not None:
             tasks.close()
@@ -247,14 +248,14 @@ def evaluate_run(run_dir: Path, *, mcq_items: int | None = None, eval_dir: Path 
 
 def _evaluate(run_dir: Path, cfg: MolConfig, summary: dict, kind: str, weights: Path, n_items: int | None,
               eval_dir: Path, tasks: H.TaskSet | None, make_bar: MakeBar, base_json: Path | None,
-              saved: dict | None, device: torch.device) -> dict:
+              saved: dict | None, device: torch.device, heldout: bool = True) -> dict:
     cache = C.TeacherCache(summary["cache_dir"])
     model_path = Path(summary["model_path"]) if "model_path" in summary else resolve_model_path(cfg.model.name)
     # KL-to-base is only meaningful against labels from this very base model
     cache.check_compatible(model_fp=model_fingerprint(model_path), tokenizer_fp=tokenizer_fingerprint(model_path),
                            k=cfg.teacher.top_k)
-    val = cache.load("val") if cache.sequences_in("val") else None
-    if val is None:
+    val = cache.load("val") if heldout and cache.sequences_in("val") else None
+    if val is None and heldout:
         log.warning("cache %s has no validation sequences: no perplexity, only the lm-eval tasks", cache.path)
 
     tokenizer = load_tokenizer(model_path)
@@ -266,7 +267,9 @@ def _evaluate(run_dir: Path, cfg: MolConfig, summary: dict, kind: str, weights: 
                 "files": {t: str(p) for t, p in (tasks.files.items() if tasks else [])},
                 "chat_template": cfg.eval.chat_template, "chat_template_kwargs": cfg.model.chat_template_kwargs,
                 "gen_kwargs": cfg.eval.gen_kwargs,
-                "lm_eval": H.lm_eval_version() if tasks else None}
+                "lm_eval": H.lm_eval_version() if tasks else None,
+                # only when skipped: base files written before the option keep their key
+                **({} if heldout else {"heldout": False})}
     base, base_from = None, None
     if saved is not None:
         if saved.get("key") == base_key:

@@ -71,6 +71,7 @@ class Plan:
     runs: list[RunSpec] = field(default_factory=lambda: list(RUNS))
     page: Path = Path("docs/experiment")
     eval_dir: Optional[Path] = None   # MCQ files (default: the default data's eval/)
+    eval_args: tuple = ()             # more stages.eval options for every run
 
 
 def _pmap(fn, items, jobs: int) -> list:
@@ -117,6 +118,7 @@ def eval_runs(plan: Plan) -> dict[str, float]:
             args += ["--mcq-items", str(plan.mcq_items)]
         if plan.eval_dir is not None:
             args += ["--eval-dir", str(plan.eval_dir)]
+        args += list(plan.eval_args)
         log.info("evaluating %s", spec.name)
         return spec.name, _stage(plan, "stages.eval", args, f"{spec.name}-eval.log")
 

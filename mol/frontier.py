@@ -87,8 +87,9 @@ class FrontierPlan:
 
     def runs_plan(self) -> X.Plan:
         """The experiment's plan over every run: its train_runs / eval_runs do the work, resume and skip."""
+        # held-out ppl and KL come from the trainer's validation: the evaluation runs the MCQs only
         return X.Plan(self.config, self.overrides, self.out, self.jobs, self.mcq_items,
-                      runs=self.pair + self.grid, page=self.page, eval_dir=self.eval_dir)
+                      runs=self.pair + self.grid, page=self.page, eval_dir=self.eval_dir, eval_args=("--tasks-only",))
 
 
 def heldout_subsets(cfg: MolConfig) -> list[str]:

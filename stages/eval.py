@@ -36,6 +36,9 @@ def main(argv=None) -> int:
                     help="folder with <set>.jsonl MCQ files (default: the default data's eval/)")
     ap.add_argument("--base-json", type=Path, default=None,
                     help="reuse the base model's figures from this file (runs sharing a cache), or write them there")
+    ap.add_argument("--tasks-only", action="store_true",
+                    help="run the lm-eval tasks only, no held-out perplexity / KL-to-base (make frontier reads "
+                         "those from the trainer's own validation)")
     # intermixed: key=value may come before or after the options
     args = ap.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     if args.base_json is not None:
@@ -46,7 +49,7 @@ def main(argv=None) -> int:
     if args.tasks is not None:
         overrides.append("eval.tasks=" + json.dumps([t.strip() for t in args.tasks.split(",") if t.strip()]))
     result = evaluate_run(args.run_dir, mcq_items=args.mcq_items, eval_dir=args.eval_dir, make_bar=token_bar,
-                          base_json=args.base_json, overrides=overrides)
+                          base_json=args.base_json, overrides=overrides, heldout=not args.tasks_only)
     print()
     print(format_table(result))
     print(f"\nwrote {args.run_dir / EVAL_JSON}\n      {args.run_dir / EVAL_MD}\n      {result['samples']}/")

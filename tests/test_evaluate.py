@@ -194,3 +194,20 @@ def test_eval_cli(fake_run, tmp_path, capsys):
     assert "ppl/general" in out and "acc_norm/mol_colours (n=1" in out and "mol_medqa" not in out
     assert str(copy / EVAL_JSON) in out
     assert json.loads((copy / EVAL_JSON).read_text())["chat_template"] is False
+
+
+def test_tasks_only_skips_the_heldout_pass(fake_run, tmp_path, capsys):
+    """make frontier's evaluation: lm-eval's tasks alone, and a base file keyed apart from a full one."""
+    from stages.eval import main
+
+    run_dir, eval_dir = fake_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    base_json = tmp_path / "base.json"
+    assert main([str(copy), "--tasks-only", "--mcq-items", "1", "--eval-dir", str(eval_dir),
+                 "--base-json", str(base_json), "eval.mcq_sets=[colours]"]) == 0
+    res = json.loads((copy / EVAL_JSON).read_text())
+    assert not [k for k in res["trained"] if k.startswith(("ppl/", "ce/", "kl_to_base/"))]
+    assert "acc_norm/mol_colours" in res["trained"] and "acc_norm/mol_colours" in res["base"]
+    assert json.loads(base_json.read_text())["key"]["heldout"] is False
+    capsys.readouterr()
