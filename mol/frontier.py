@@ -339,8 +339,9 @@ def write_page(dest: Path, meta: dict, pts: dict, front: list[str], claims: list
         f"held-out domain text; **drift** = KL-to-base on `{unseen}`, general text that no run trains on "
         f"(a `heldout: true` source: every document is validation). Both from the trainer's validation at step 0 "
         f"(the base) and at the last step, on the same sequences. Drift on the general training corpus's own "
-        f"held-out split ({', '.join(trained_general)}) is in the table beside it. MCQ: lm-eval acc_norm on the "
-        f"first {meta['mcq_items']} items, change vs base ± paired SE, in points.",
+        f"held-out split ({', '.join(trained_general)}) is in the table beside it. " + (
+            f"MCQ: lm-eval acc_norm on the first {meta['mcq_items']} items, change vs base ± paired SE, in points."
+            if meta["mcq_items"] else "MCQ: not run for this page (`--mcq-items 0`); their columns show –."),
         "",
         "## Verdicts",
         "",
