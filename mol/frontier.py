@@ -340,7 +340,8 @@ def write_page(dest: Path, meta: dict, pts: dict, front: list[str], claims: list
         f"(a `heldout: true` source: every document is validation). Both from the trainer's validation at step 0 "
         f"(the base) and at the last step, on the same sequences. Drift on the general training corpus's own "
         f"held-out split ({', '.join(trained_general)}) is in the table beside it. " + (
-            f"MCQ: lm-eval acc_norm on the first {meta['mcq_items']} items, change vs base ± paired SE, in points."
+            f"MCQ: lm-eval acc_norm on the first {meta['mcq_items']} items, change vs base ± paired SE, in points "
+            f"(– where a run has no evaluation yet: `make frontier` evaluates what is missing)."
             if meta["mcq_items"] else "MCQ: not run for this page (`--mcq-items 0`); their columns show –."),
         "",
         "## Verdicts",
@@ -453,7 +454,8 @@ def run_frontier(plan: FrontierPlan, make_bar=None) -> Path:
         "model": cfg.model.name, "cache": str(cache_dir), "cache_tokens": cache.totals["tokens"],
         "grid_steps": figures[plan.grid[0].name]["summary"].get("final_step"),
         "global_batch": cfg.train.global_batch, "max_seq_len": cfg.data.max_seq_len, "lora_r": cfg.train.lora.r,
-        "lr": cfg.train.lr, "mcq_items": n_items if evaluated or any(f["eval"] for f in figures.values()) else 0,
+        "lr": cfg.train.lr,
+        "mcq_items": next((f["eval"]["mcq_items"] for f in figures.values() if f["eval"]), 0),
         "unseen": unseen,
         "general_subsets": general_train_subsets(cfg), "forgetting": list(plan.forgetting),
         "forgetting_why": FORGETTING_WHY, "recommendation": recommendation,
