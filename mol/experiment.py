@@ -358,11 +358,7 @@ def write_page(res: dict, claims: list[dict], plots: list[Path], dest: Path, met
     for p in plots:
         lines.append(f"![{p.stem}]({p.name})")
     lines += ["", "## Learning rate and length", "", meta["lr_note"], "", "## Run times", "",
-              "| run | training s | tokens/s |", "|---|---:|---:|"]
-    for name, v in res["runs"].items():
-        s = v["summary"]
-        tps = s.get("last_train", {}).get("tokens_per_s")
-        lines.append(f"| {name} | {s.get('train_seconds', float('nan')):.0f} | {tps or float('nan'):.0f} |")
+              *run_times_table({name: v["summary"] for name, v in res["runs"].items()})]
     lines += ["", "## Commands", "", "```", meta["command"], "```", "",
               "Each run alone: `python -m stages.train " + meta["config"] + " train.run_name=NAME "
               "train.out_dir=" + meta["out"] + " <overrides>` then `python -m stages.eval " + meta["out"]
@@ -374,6 +370,15 @@ def write_page(res: dict, claims: list[dict], plots: list[Path], dest: Path, met
         "base": _scalars(res["base"]), **{n: _scalars(v["trained"]) for n, v in res["runs"].items()}}},
         indent=2) + "\n")
     return page
+
+
+def run_times_table(summaries: dict[str, dict]) -> list[str]:
+    """The page's Markdown table of training seconds and tokens/s, one row per run's summary.json."""
+    lines = ["| run | training s | tokens/s |", "|---|---:|---:|"]
+    for name, s in summaries.items():
+        tps = s.get("last_train", {}).get("tokens_per_s")
+        lines.append(f"| {name} | {s.get('train_seconds', float('nan')):.0f} | {tps or float('nan'):.0f} |")
+    return lines
 
 
 def _scalars(m: dict) -> dict:
@@ -426,7 +431,9 @@ def _wall_seconds(out: Path, runs: list[RunSpec]) -> float:
     """From the first run's start (its config.yaml) to the last evaluation's end, from the files
     themselves: the same figure whether this call did the work or only regenerates the page."""
     starts = [(out / s.name / CONFIG).stat().st_mtime for s in runs]
-    ends = [(out / s.name / EVAL_JSON).stat().st_mtime for s in runs]
+    # a run not evaluated (make frontier without MCQs) ends with its training
+    ends = [max(p.stat().st_mtime for p in (out / s.name / EVAL_JSON, out / s.name / SUMMARY) if p.is_file())
+            for s in runs]
     return max(ends) - min(starts)
 
 

@@ -384,11 +384,7 @@ def write_page(dest: Path, meta: dict, pts: dict, front: list[str], claims: list
     lines += ["", "At the end of the pair (lm-eval, acc_norm, change vs base ± paired SE, points): "
               + "; ".join(f"{pair[n]['label']}: domain MCQ {_pm(pair[n]['domain_mcq'])}, general MCQ "
                           f"{_pm(pair[n]['general_mcq'])}" for n in pair), "",
-              "## Run times", "", "| run | training s | tokens/s |", "|---|---:|---:|"]
-    for n, v in figures.items():
-        s = v["summary"]
-        tps = s.get("last_train", {}).get("tokens_per_s")
-        lines.append(f"| {n} | {s.get('train_seconds', float('nan')):.0f} | {tps or float('nan'):.0f} |")
+              "## Run times", "", *X.run_times_table({n: v["summary"] for n, v in figures.items()})]
     lines += ["", "## Commands", "", "```", meta["command"], "```", "",
               "The grid and the pair are `stages.train` + `stages.eval` subprocesses (the overrides per run: "
               "`mol/frontier.py`, `grid_runs` and `FORGETTING`); a finished run is skipped, a killed one resumes. "
@@ -443,13 +439,10 @@ def run_frontier(plan: FrontierPlan, make_bar=None) -> Path:
     plots = [plot_frontier(pts, front, dest, unseen),
              plot_forgetting(curves, {s.name: s.label for s in plan.pair}, dest, unseen)]
     cache = TeacherCache(cache_dir)
-    ends = [max(p.stat().st_mtime for p in (plan.out / s.name / X.EVAL_JSON, plan.out / s.name / SUMMARY)
-                if p.is_file()) for s in xp.runs]
-    starts = [(plan.out / s.name / X.CONFIG).stat().st_mtime for s in xp.runs]
     meta = {
         "command": "make frontier" + (f" ARGS='{' '.join(plan.overrides)}'" if plan.overrides else ""),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": X._machine(),
-        "out": str(plan.out), "jobs": plan.jobs, "wall_minutes": (max(ends) - min(starts)) / 60,
+        "out": str(plan.out), "jobs": plan.jobs, "wall_minutes": X._wall_seconds(plan.out, xp.runs) / 60,
         "this_call_seconds": time.time() - t0, "trained_now": trained, "evaluated_now": evaluated,
         "model": cfg.model.name, "cache": str(cache_dir), "cache_tokens": cache.totals["tokens"],
         "grid_steps": figures[plan.grid[0].name]["summary"].get("final_step"),
