@@ -131,3 +131,42 @@ def test_the_reader_refuses_values_out_of_contract(one_row_groups):
                 seqs.row(where[row])
     assert {1, 2} & set(where)
     seqs.close()
+
+
+def test_the_prefetch_thread_and_the_trainer_take_turns_on_a_shard(one_row_groups, monkeypatch):
+    """The trainer reads a row group while the prefetch thread decodes others of the same shard. One
+    ParquetFile read from two threads at once fails in pyarrow 26 (ArrowInvalid "ReadRangeCache did not
+    find matching cache entry", at times a segfault: a forget-ce run died of it on 2026-12-07), so reads
+    of one shard must never overlap. A spy widens each read by a few ms and records the overlap."""
+    import collections
+    import threading
+    import time
+
+    import pyarrow.parquet as pq
+
+    cache = one_row_groups
+    whole = cache.load("train", "domain")
+    n = len(whole)
+    active, worst, guard = collections.Counter(), [0], threading.Lock()
+    read = pq.ParquetFile.read_row_group
+
+    def spy(self, *a, **k):
+        with guard:
+            active[id(self)] += 1
+            worst[0] = max(worst[0], active[id(self)])
+        time.sleep(0.003)
+        try:
+            return read(self, *a, **k)
+        finally:
+            with guard:
+                active[id(self)] -= 1
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
+    for rnd in range(3):
+        reader = StreamingSequences(cache, "train", "domain", max_cache_bytes=1)
+        order = np.random.default_rng(rnd).permutation(n)
+        reader.prefetch(order[n // 2:])  # the pool decodes these while the caller reads the others
+        for i in [*order[:n // 2], *order[n // 2:]]:
+            _same_row(reader.row(int(i)), whole.row(int(i)))
+        reader.close()
+    assert worst[0] == 1

@@ -67,7 +67,7 @@ class StreamingSequences:
         self.has_teacher = np.array([u.labelled for u in units], dtype=bool)[which]
         self._cache: OrderedDict[int, Future] = OrderedDict()
         self._sizes: dict[int, int] = {}
-        self._files: OrderedDict[str, pq.ParquetFile] = OrderedDict()
+        self._files: OrderedDict[str, tuple[pq.ParquetFile, threading.Lock]] = OrderedDict()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max(1, prefetch_threads), thread_name_prefix="mol-reader")
         self.decoded_groups = 0  # row groups decoded so far (tests: a DDP rank reads only its own)
@@ -94,12 +94,15 @@ class StreamingSequences:
             return out
         return pq.read_table(path, columns=[SPLIT]).column(SPLIT).to_numpy(zero_copy_only=False)
 
-    def _file(self, path: str) -> pq.ParquetFile:
-        """Open shards are kept (at most 64): parsing a footer costs more than decoding a row group."""
+    def _file(self, path: str) -> tuple[pq.ParquetFile, threading.Lock]:
+        """An open shard and the lock its reads take. Open shards are kept (at most 64): parsing a footer
+        costs more than decoding a row group. A ParquetFile is not safe to read from two threads at once
+        (pyarrow 26 fails with "ReadRangeCache did not find matching cache entry" when the trainer and the
+        prefetch thread read row groups of one shard together), so reads of one shard take turns."""
         with self._lock:
             pf = self._files.pop(path, None)
             if pf is None:
-                pf = pq.ParquetFile(path)
+                pf = (pq.ParquetFile(path), threading.Lock())
             self._files[path] = pf
             while len(self._files) > 64:
                 self._files.popitem(last=False)
@@ -110,9 +113,11 @@ class StreamingSequences:
         if self.check_sha256:
             unit.require_sha256(entry)
         # one thread a decode: the row group is small, and the prefetch thread runs beside the trainer
+        pf, reading = self._file(path)
         try:
-            table = self._file(path).read_row_group(rg, columns=[SEQ_ID, CORPUS, SUBSET, INPUT_IDS,
-                                                                 *TEACHER_COLUMNS], use_threads=False)
+            with reading:
+                table = pf.read_row_group(rg, columns=[SEQ_ID, CORPUS, SUBSET, INPUT_IDS, *TEACHER_COLUMNS],
+                                          use_threads=False)
         except (OSError, ValueError, IndexError) as e:  # pyarrow's errors for a file not as its footer says
             raise CacheError(f"{path}: row group {rg} cannot be read ({e})") from None
         rows = first + np.arange(table.num_rows)
