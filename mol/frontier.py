@@ -243,14 +243,25 @@ def plot_frontier(pts: dict[str, dict], front: list[str], dest: Path, unseen: st
 
     fig = Figure(figsize=(8, 5.5), dpi=120)
     ax = fig.subplots()
+    # one colour and legend entry a series ("MoL α=0.1"), the ratio beside each point; the series' labels
+    # sit on alternate sides, since α 0.01 and 0.1 at one ratio land almost on the same spot
+    series = list(dict.fromkeys(p["label"].rsplit(" ", 1)[0] for p in pts.values()))
+    colours = {s: ("tab:red" if s.startswith("CE") else c) for s, c in
+               zip(series, ["tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink"] * 4)}
+    sides = [(6, 4, "left", "bottom"), (-6, -4, "right", "top")]
+    for name in series:  # legend entries drawn alike, whether or not a series' first point is on the front
+        ax.scatter([], [], s=30, marker="s" if name.startswith("CE") else "o", color=colours[name], label=name)
     for n, p in pts.items():
-        ce = n.startswith("ce-")
-        ax.scatter(p["drift"], p["gain"], s=60 if n in front else 30, marker="s" if ce else "o",
-                   color="tab:red" if ce else "tab:blue", edgecolor="black" if n in front else "none", zorder=3)
-        ax.annotate(p["label"], (p["drift"], p["gain"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        name, tag = p["label"].rsplit(" ", 1)
+        i = series.index(name)
+        ax.scatter(p["drift"], p["gain"], s=60 if n in front else 30, marker="s" if n.startswith("ce-") else "o",
+                   color=colours[name], edgecolor="black" if n in front else "none", zorder=3)
+        dx, dy, ha, va = sides[i % 2]
+        ax.annotate(tag, (p["drift"], p["gain"]), textcoords="offset points", xytext=(dx, dy), ha=ha, va=va,
+                    fontsize=8, color=colours[name])
     fx = [pts[n]["drift"] for n in front]
     fy = [pts[n]["gain"] for n in front]
-    ax.plot(fx, fy, color="grey", lw=1, ls="--", zorder=2, label="Pareto front")
+    ax.plot(fx, fy, color="grey", lw=1, ls="--", zorder=2, label="Pareto front (points edged black)")
     ax.set_xlabel(f"drift: KL-to-base on held-out general text no run trains on ({unseen}), nats/token")
     ax.set_ylabel("domain gain: ln ppl_base − ln ppl_run on held-out domain text")
     ax.set_title("α / ratio frontier (up and left is better)")
