@@ -35,9 +35,11 @@ log = logging.getLogger(__name__)
 
 ALPHAS = (0.01, 0.1, 0.5)
 RATIOS = (0.5, 1.0, 2.0)
-# Why these: full fine-tuning moves every weight (a LoRA of r 64 barely leaves the base in a few
-# dozen CPU steps), and an lr well above the paper's 1e-4 lets forgetting show within ~40 steps.
-FORGETTING = ("train.finetune=full", "train.lr=3e-4", "train.max_steps=40", "train.global_batch=8",
+# Why these: full fine-tuning moves every weight (a LoRA of r 64 barely leaves the base in a few dozen CPU
+# steps), and lr 1e-3 (10x the paper's) because at 3e-4 CE-only's loss never showed: its unseen-text CE
+# *fell* by 0.140 +- 0.019 nats over 40 steps (2026-12-06), training CE on plain Wikipedia text helping
+# other plain text (FORGETTING_WHY, which the page prints).
+FORGETTING = ("train.finetune=full", "train.lr=1e-3", "train.max_steps=40", "train.global_batch=8",
               "train.micro_batch=8", "train.eval_every=5", "train.general_ratio=1.0")
 # a setting "keeps" the general abilities when its drift is at most this share of CE-only's
 KEEP_SHARE = 0.25
@@ -203,7 +205,8 @@ def judge_frontier(pts: dict[str, dict], front: list[str], curves: dict[str, lis
               f"unseen-general CE change per sequence at step {worst['step']}: {worst['d_ce']:+.4f} ± "
               f"{worst['se']:.4f} nats (ppl {ce_c[0]['ppl_unseen']:.2f} → {worst['ppl_unseen']:.2f}), at the end "
               f"(step {ce_c[-1]['step']}) {ce_c[-1]['d_ce']:+.4f} ± {ce_c[-1]['se']:.4f}; MoL at step "
-              f"{mol_at['step']}: {mol_at['d_ce']:+.4f} ± {mol_at['se']:.4f}; general MCQ (CE-only, end) "
+              f"{mol_at['step']}: {mol_at['d_ce']:+.4f} ± {mol_at['se']:.4f}, at the end {mol_c[-1]['d_ce']:+.4f} ± "
+              f"{mol_c[-1]['se']:.4f}; general MCQ (CE-only, end) "
               f"{100 * d_mcq:+.1f} ± {100 * se_mcq:.1f} pt; KL-to-base on the unseen set at the end: CE-only "
               f"{kl_ce:.4f}, MoL {kl_mol:.4f}")
     else:
@@ -408,8 +411,11 @@ def write_page(dest: Path, meta: dict, pts: dict, front: list[str], claims: list
 
 
 FORGETTING_WHY = ("full fine-tuning moves every weight, where a LoRA of r = 64 barely leaves the base in a few "
-                  "dozen CPU steps, and the lr is raised above the paper's 1e-4 so that forgetting can show "
-                  "within the budget; the claim is about the objective, and both runs share every other setting.")
+                  "dozen CPU steps; lr 1e-3, 10× the paper's 1e-4, because at 3e-4 (`make frontier`, 2026-12-06) "
+                  "CE-only lost nothing measurable in 40 steps: its CE on the unseen set *fell* by 0.140 ± 0.019 "
+                  "nats (MoL's by 0.079 ± 0.010), training CE on plain Wikipedia text helping other plain text, "
+                  "while it drifted 3.9× MoL's KL. 1e-3 is the next lr tried. The claim is about the objective, "
+                  "and both runs share every other setting and the data order.")
 
 
 def run_frontier(plan: FrontierPlan, make_bar=None) -> Path:
