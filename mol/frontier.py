@@ -356,7 +356,8 @@ def write_page(dest: Path, meta: dict, pts: dict, front: list[str], claims: list
         f"held-out split ({', '.join(trained_general)}) is in the table beside it. " + (
             f"MCQ: lm-eval acc_norm on the first {meta['mcq_items']} items, change vs base ± paired SE, in points "
             f"(– where a run has no evaluation yet: `make frontier` evaluates what is missing)."
-            if meta["mcq_items"] else "MCQ: not run for this page (`--mcq-items 0`); their columns show –."),
+            if meta["mcq_items"] else "MCQ: not run for this page (`eval.mcq_items` = 0, the CPU config's default: see "
+            "`data/frontier.yaml`; `make frontier ARGS='--mcq-items 100'` adds them); their columns show –."),
         "",
         "## Verdicts",
         "",
