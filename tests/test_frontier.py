@@ -1,5 +1,5 @@
 """`make frontier` end to end on the tiny model (grid + forgetting pair as real subprocesses, a second
-call redoing nothing, a lost evaluation redone alone), and the front / verdict logic on constructed
+call redoing nothing but a killed run, which resumes), and the front / verdict logic on constructed
 results."""
 
 import json
@@ -85,11 +85,15 @@ def test_second_call_skips_and_redoes_only_what_is_missing(frontier):
     plan, _ = frontier
     first = json.loads((plan.page / "results.json").read_text())
     assert set(first["meta"]["trained_now"]) == {s.name for s in plan.grid + plan.pair}
-    shutil.rmtree(plan.out / "mol-a0.01-r2")
+    # a run killed after its last checkpoint, before its outputs: the next call resumes it, and only it
+    victim = plan.out / "mol-a0.01-r2"
+    (victim / "summary.json").unlink()
+    shutil.rmtree(victim / "adapter")
     F.run_frontier(plan)
     again = json.loads((plan.page / "results.json").read_text())
     assert list(again["meta"]["trained_now"]) == ["mol-a0.01-r2"] and again["meta"]["evaluated_now"] == {}
-    # same data order and seed: the retrained run lands on the same point
+    assert len(json.loads((victim / "run.json").read_text())["resumes"]) == 1 and (victim / "adapter").is_dir()
+    # resumed from its checkpoint: the run lands on the same point
     for key in ("gain", "drift"):
         assert again["points"]["mol-a0.01-r2"][key] == pytest.approx(first["points"]["mol-a0.01-r2"][key], rel=1e-5)
 
