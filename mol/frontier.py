@@ -201,14 +201,14 @@ def judge_frontier(pts: dict[str, dict], front: list[str], curves: dict[str, lis
         drifts = kl_ce > 2 * kl_mol
         verdict = ("reproduced" if learns and (final or mcq_drop) and mol_keeps else
                    "partly" if learns and (forgets or mcq_drop or drifts) else "not reproduced")
+        mcq = "not run" if math.isnan(d_mcq) else _pm([d_mcq, se_mcq]) + " pt"
         ev = (f"CE-only: held-out domain ppl {ce_c[0]['ppl_domain']:.2f} → {ce_c[-1]['ppl_domain']:.2f}; "
               f"unseen-general CE change per sequence at step {worst['step']}: {worst['d_ce']:+.4f} ± "
               f"{worst['se']:.4f} nats (ppl {ce_c[0]['ppl_unseen']:.2f} → {worst['ppl_unseen']:.2f}), at the end "
               f"(step {ce_c[-1]['step']}) {ce_c[-1]['d_ce']:+.4f} ± {ce_c[-1]['se']:.4f}; MoL at step "
               f"{mol_at['step']}: {mol_at['d_ce']:+.4f} ± {mol_at['se']:.4f}, at the end {mol_c[-1]['d_ce']:+.4f} ± "
-              f"{mol_c[-1]['se']:.4f}; general MCQ (CE-only, end) "
-              f"{100 * d_mcq:+.1f} ± {100 * se_mcq:.1f} pt; KL-to-base on the unseen set at the end: CE-only "
-              f"{kl_ce:.4f}, MoL {kl_mol:.4f}")
+              f"{mol_c[-1]['se']:.4f}; general MCQ (CE-only, end) {mcq}; KL-to-base on the unseen set at the "
+              f"end: CE-only {kl_ce:.4f}, MoL {kl_mol:.4f}")
     else:
         verdict, ev = "not measured", "no forgetting pair with validations after step 0"
     claims.append({
