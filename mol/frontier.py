@@ -87,6 +87,20 @@ class FrontierPlan:
         self.grid = grid_runs(self.alphas, self.ratios)
         self.pair = forgetting_runs(self.forgetting)
 
+    def command(self) -> str:
+        """The `make frontier` line that redoes this plan: its overrides and every option not at its default."""
+        args = list(self.overrides)
+        if tuple(self.alphas) != ALPHAS:
+            args.append("--alphas " + ",".join(map(_num, self.alphas)))
+        if tuple(self.ratios) != RATIOS:
+            args.append("--ratios " + ",".join(map(_num, self.ratios)))
+        if tuple(self.forgetting) != FORGETTING:
+            args.append(f'--forgetting "{" ".join(self.forgetting)}"')
+        if self.mcq_items is not None:
+            args.append(f"--mcq-items {self.mcq_items}")
+        config = "" if self.config == Path("data/frontier.yaml") else f" FRONTIER_CONFIG={self.config}"
+        return "make frontier" + config + (f" ARGS='{' '.join(args)}'" if args else "")
+
     def runs_plan(self) -> X.Plan:
         """The experiment's plan over every run: its train_runs / eval_runs do the work, resume and skip."""
         # held-out ppl and KL come from the trainer's validation: the evaluation runs the MCQs only
@@ -458,7 +472,7 @@ def run_frontier(plan: FrontierPlan, make_bar=None) -> Path:
              plot_forgetting(curves, {s.name: s.label for s in plan.pair}, dest, unseen)]
     cache = TeacherCache(cache_dir)
     meta = {
-        "command": "make frontier" + (f" ARGS='{' '.join(plan.overrides)}'" if plan.overrides else ""),
+        "command": plan.command(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": X._machine(),
         "out": str(plan.out), "jobs": plan.jobs, "wall_minutes": X._wall_seconds(plan.out, xp.runs) / 60,
         "this_call_seconds": time.time() - t0, "trained_now": trained, "evaluated_now": evaluated,

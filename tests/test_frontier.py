@@ -77,6 +77,10 @@ def test_page_front_and_curves(frontier):
         assert c[0]["d_ce"] == 0 and c[0]["se"] == 0 and all(r["se"] >= 0 for r in c)
         assert json.loads((plan.out / name / "summary.json").read_text())["final_step"] == 2
     text = page.read_text()
+    # the page's command redoes this plan: its config and every option not at its default
+    assert res["meta"]["command"] == (f"make frontier FRONTIER_CONFIG={plan.config} ARGS='--alphas 0.01 --forgetting "
+                                      "\"train.finetune=full train.max_steps=2 train.eval_every=1\" --mcq-items 0'")
+    assert res["meta"]["command"] in text
     assert "frontier.png" in text and "forgetting.png" in text and "make frontier" in text
     assert (plan.page / "frontier.png").stat().st_size > 10_000 and (plan.page / "forgetting.png").is_file()
 
