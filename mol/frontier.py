@@ -283,7 +283,7 @@ def plot_frontier(pts: dict[str, dict], front: list[str], dest: Path, unseen: st
     ax.set_ylabel("domain gain: ln ppl_base − ln ppl_run on held-out domain text")
     ax.set_title("α / ratio frontier (up and left is better)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")  # the corners hold points: CE-only sits at the bottom right
     path = dest / "frontier.png"
     fig.tight_layout()
     fig.savefig(path)
