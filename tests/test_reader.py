@@ -1,7 +1,12 @@
 """Stage 2's streaming reader: the same rows as loading the split whole, bounded memory, and a DDP
 rank decodes only the row groups that hold its own sequences."""
 
+import collections
+import threading
+import time
+
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import tiny_config
@@ -138,12 +143,6 @@ def test_the_prefetch_thread_and_the_trainer_take_turns_on_a_shard(one_row_group
     ParquetFile read from two threads at once fails in pyarrow 26 (ArrowInvalid "ReadRangeCache did not
     find matching cache entry", at times a segfault: a forget-ce run died of it on 2026-12-07), so reads
     of one shard must never overlap. A spy widens each read by a few ms and records the overlap."""
-    import collections
-    import threading
-    import time
-
-    import pyarrow.parquet as pq
-
     cache = one_row_groups
     whole = cache.load("train", "domain")
     n = len(whole)
