@@ -142,19 +142,20 @@ def reader_rate(cache, sequences: int = 3000, micro_batch: int = 4, seed: int = 
 
     from .batching import collate
     from .cache.stream import StreamingSequences
+    from .machine import torch_threads
     from .train import DataPlan
 
-    torch.set_num_threads(1)
-    rows = {c: StreamingSequences(cache, "train", c, prefetch_threads=1) for c in ("domain", "general")}
-    plan = DataPlan(np.arange(len(rows["domain"])), np.arange(len(rows["general"])), 1.0, seed)
-    items = plan.step_items(0, min(sequences, plan.per_epoch))
-    t0, tokens = time.perf_counter(), 0
-    for a in range(0, len(items), micro_batch):
-        b = collate([rows[c].row(i) for c, i in items[a:a + micro_batch]], cache.k, torch.device("cpu"))
-        tokens += int(b["mask"].sum()) + len(b["mask"])
-    seconds = time.perf_counter() - t0
-    for r in rows.values():
-        r.close()
+    with torch_threads(1):
+        rows = {c: StreamingSequences(cache, "train", c, prefetch_threads=1) for c in ("domain", "general")}
+        plan = DataPlan(np.arange(len(rows["domain"])), np.arange(len(rows["general"])), 1.0, seed)
+        items = plan.step_items(0, min(sequences, plan.per_epoch))
+        t0, tokens = time.perf_counter(), 0
+        for a in range(0, len(items), micro_batch):
+            b = collate([rows[c].row(i) for c, i in items[a:a + micro_batch]], cache.k, torch.device("cpu"))
+            tokens += int(b["mask"].sum()) + len(b["mask"])
+        seconds = time.perf_counter() - t0
+        for r in rows.values():
+            r.close()
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "row_groups_decoded": sum(r.decoded_groups for r in rows.values()), "sequences": len(items)}
 

@@ -86,13 +86,14 @@ class VllmTeacher:
 
     def __init__(self, model_path: Path, k: int, chunk: int, *, device: torch.device, dtype: str = "auto",
                  max_model_len: int, engine_kwargs: dict | None = None):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         try:
             from vllm import LLM
             from vllm.config import PoolerConfig
         except ImportError as e:
             raise ConfigError([f"teacher.backend = vllm needs vLLM: `make vllm-setup` (a venv of its own, "
                                f".venv-vllm), then run Stage 1 with .venv-vllm/bin/python ({e})"]) from None
+        # read when the engine starts, not at import; set only in a process that really starts one
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self.k, self.chunk, self.device = k, chunk, device
         kwargs = engine_arguments(device, dtype, max_model_len, engine_kwargs)
         self.dtype = kwargs["dtype"]

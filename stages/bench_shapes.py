@@ -29,6 +29,7 @@ from mol.bench.shapes import SECTIONS, SHAPES, run_shapes
 from mol.bench.report import json_safe
 from mol.bench.shapes_report import to_markdown, twins
 from mol.config import ConfigError, check_path
+from mol.machine import torch_threads
 from stages._cli import entry_point
 
 
@@ -60,6 +61,23 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def _run(names: list[str], **kw) -> dict:
+    """run_shapes with a bar that steps once per section."""
+    bar = tqdm(total=len(names) * len(SECTIONS), desc="bench-shapes", unit="part", dynamic_ncols=True)
+    started = []
+
+    def section(shape: str, name: str) -> None:
+        if started:
+            bar.update(1)
+        started.append(name)
+        bar.set_postfix_str(f"{shape}: {name}")
+
+    res = run_shapes(names, section=section, **kw)
+    bar.update(bar.total - bar.n)
+    bar.close()
+    return res
+
+
 @entry_point
 def main(argv=None) -> int:
     from mol.model import pick_device
@@ -72,20 +90,8 @@ def main(argv=None) -> int:
     device = pick_device(args.device)  # a wrong device is refused before any work (ModelError)
     out = check_path(args.out, "--out")
     names = list(dict.fromkeys(args.shape or (["qwen3-0.6b", "qwen3-8b"] if device.type == "cuda" else ["tiny"])))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    bar = tqdm(total=len(names) * len(SECTIONS), desc="bench-shapes", unit="part", dynamic_ncols=True)
-    started = []
-
-    def section(shape: str, name: str) -> None:
-        if started:
-            bar.update(1)
-        started.append(name)
-        bar.set_postfix_str(f"{shape}: {name}")
-
-    res = run_shapes(names, seq_len=args.seq_len, device=str(device), time_limit=args.time_limit, section=section)
-    bar.update(bar.total - bar.n)
-    bar.close()
+    with torch_threads(args.threads):
+        res = _run(names, seq_len=args.seq_len, device=str(device), time_limit=args.time_limit)
     res["meta"]["command"] = command
     res["twins"] = {fid: {"measured": v, "still_arithmetic": why} for fid, (v, why) in twins(res).items()}
     md = to_markdown(res, command)

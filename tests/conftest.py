@@ -14,6 +14,18 @@ from mol import cache as C
 from mol.config import load_config
 from mol.model import convert_default_model, load_tokenizer
 from mol.teacher import run_teacher_pass
+# no test leaves torch's thread count, dtype, grad mode, working directory or environment changed
+from process_state import (_process_state_of_the_module, _process_state_of_the_session,  # noqa: F401
+                           _process_state_of_the_test)
+
+def pytest_report_header(config) -> str:
+    """The machine a red run ran on: CPU, cores and torch's thread count (identical-run checks depend
+    on the thread count)."""
+    from mol.machine import machine_info
+
+    m = machine_info()
+    return f"machine: {m['cpu']}, {m['usable_cores']} of {m['cores']} cores usable, {m['torch_threads']} torch threads"
+
 
 MED = [
     {"question": "A 45-year-old man presents with crushing chest pain radiating to the left arm. "

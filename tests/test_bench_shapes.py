@@ -12,6 +12,7 @@ import torch
 
 from mol.bench import shapes as S
 from mol.bench.shapes_report import ARITHMETIC, ratios, twins
+from mol.machine import torch_threads
 
 # what each section's record holds when it ran
 FIGURES = {
@@ -75,8 +76,8 @@ def test_a_failed_section_is_recorded_and_the_others_still_run(tmp_path, monkeyp
     # the sections after Stage 2 as stand-ins (the test above runs them): seconds saved
     monkeypatch.setattr(S, "section_nf4", lambda *a, **kw: {"stand-in": True})
     monkeypatch.setattr(S, "section_loss_path", lambda *a, **kw: {"stand-in": True})
-    torch.set_num_threads(1)
-    res = S.run_shapes(["tiny"], seq_len=32, device="cpu", workdir=tmp_path)
+    with torch_threads(1):
+        res = S.run_shapes(["tiny"], seq_len=32, device="cpu", workdir=tmp_path)
     sec = res["shapes"]["tiny"]["sections"]
     assert sec["stage 1 vs bare forward"]["error"] == "RuntimeError('forced failure')"
     assert _positive(sec["stage 1 vs bare forward"]["seconds"])

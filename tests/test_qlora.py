@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import metrics_records, save_tiny_llama, tiny_config
+from faults_kit import assert_same_metrics
 from mol import cache as C
 from mol.batching import subset_losses
 from mol.config import load_config
@@ -59,12 +60,7 @@ def test_resume_of_a_4bit_run_equals_the_uninterrupted_run(nf4):
     full = train(load_config(data=_with(nf4, run_name="full")))
     train(load_config(data=_with(nf4, run_name="part")), stop_after=2)
     part = train(load_config(data=_with(nf4, run_name="part", resume=True)))
-    a, b = metrics_records(full), metrics_records(part)
-    assert [(r["type"], r["step"]) for r in a] == [(r["type"], r["step"]) for r in b]
-    for x, y in zip(a, b):
-        for key in ("loss", "ce/med", "kl/gen", "kl_to_base/gen"):
-            if key in x:
-                assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)
+    assert_same_metrics(metrics_records(full), metrics_records(part))  # bit for bit: the same run
 
 
 def test_the_adapter_lands_on_the_full_precision_base_and_merges_there(nf4, tiny64):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import cache_shards, metrics_records, tiny_config
+from faults_kit import assert_close_metrics, assert_same_metrics
 from mol import cache as C
 from mol.batching import subset_losses
 from mol.cache import CacheError
@@ -63,12 +64,7 @@ def test_resume_matches_uninterrupted(cache_ready):
     train(load_config(data=part_cfg), stop_after=2)
     assert not (full.parent / "part" / "adapter").exists()
     part = train(load_config(data={**part_cfg, "train": {**part_cfg["train"], "resume": True}}))
-    a, b = metrics_records(full), metrics_records(part)
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for x, y in zip(a, b):
-        for key in ("loss", "ce/domain", "kl/general", "ce/general"):
-            if key in x:
-                assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)
+    assert_same_metrics(metrics_records(full), metrics_records(part))  # bit for bit: the same run
 
 
 def test_accumulation_gives_the_same_update(cache_ready):
@@ -182,11 +178,10 @@ def test_two_processes_match_one(cache_ready):
     assert "2 processes x 4 sequences" in r.stderr
     two = one.parent / "two"
     a, b = metrics_records(one), metrics_records(two)
-    assert [(x["type"], x["step"]) for x in a] == [(x["type"], x["step"]) for x in b]
-    for x, y in zip(a, b):
-        for key in ("loss", "grad_norm", "ce/domain", "ce/general", "kl/general", "tokens"):
-            if key in x:
-                assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["step"], key)
+    # two ranks sum the gradient in another order: within 16 float32 epsilons of each metric's scale
+    # (measured 2026-12-07: at most 0.62 of one, grad_norm at step 2)
+    assert_close_metrics(a, b, ("loss", "grad_norm", "ce/domain", "ce/general", "kl/general", "kl/domain",
+                                "kl_to_base/general", "tokens"), ulps=16)
     from safetensors.torch import load_file
 
     wa, wb = load_file(one / "adapter/adapter_model.safetensors"), load_file(two / "adapter/adapter_model.safetensors")
