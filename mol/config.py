@@ -12,13 +12,14 @@ import dataclasses
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
 
-from .config_parse import ConfigError, apply_override, build_dataclass, read_yaml
+from .config_parse import ConfigError, apply_override, build_dataclass, config_size_problems, read_yaml
 from .errors import BadPath, MissingInput
 
 CORPORA = ("domain", "general")
@@ -40,12 +41,39 @@ def expand_path(p: str) -> Path:
     return Path(os.path.expandvars(expanded)).expanduser()
 
 
+# The longest name of one file or folder that Linux and macOS file systems allow (ext4, xfs, btrfs,
+# tmpfs, APFS: 255 bytes); a longer one fails at the mkdir or open, after the work, as a traceback.
+NAME_MAX = 255
+
+
+def path_problems(value: str | Path, what: str) -> list[str]:
+    """Why `value` (expanded) cannot name a path, before any work: a part over NAME_MAX bytes, or
+    something that exists but is neither a regular file nor a folder (a FIFO hangs the reader that
+    opens it, a device streams for ever)."""
+    p = expand_path(str(value))
+    out = [f"{what}: a name in it is {len(os.fsencode(part))} bytes long, over the {NAME_MAX} a file system "
+           f"allows: {part[:40]!r}..." for part in p.parts if len(os.fsencode(part)) > NAME_MAX]
+    if not out:
+        try:
+            mode = p.stat().st_mode
+        except OSError:
+            return out  # missing (or unreadable): said where it is read, with the source it belongs to
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
+                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+            out.append(f"{what}: {p} is {kind}, not a file or a folder")
+    return out
+
+
 def check_path(value: str | Path, what: str, *, kind: str = "folder", must_exist: bool = False) -> Path:
     """`value` expanded as expand_path does and checked, before any work, as the kind of path `what`
     (a config field or an option) names: `folder` (created if missing) or `file` (written, or read
     with must_exist). A file where a folder is due, a folder under a file, or a folder where a file
     is due raises BadPath; a missing input MissingInput. Otherwise a mkdir or open would fail later,
     with a traceback and often after the work."""
+    problems = path_problems(value, what)
+    if problems:
+        raise BadPath("; ".join(problems))
     p = expand_path(str(value))
     if p.exists():
         if kind == "folder" and not p.is_dir():
@@ -96,7 +124,7 @@ class SourceConfig:
                 out.append(f"{name} must be >= {1 if name == 'max_records' else 0}, got {v}")
         if self.heldout and self.max_val_sequences == 0:
             out.append("heldout: true with max_val_sequences: 0 keeps nothing of this source")
-        return out
+        return out + path_problems(self.path, "path")
 
 
 @dataclass
@@ -120,6 +148,8 @@ class ModelConfig:
         out = []
         if not self.name:
             out.append("model.name is empty")
+        else:
+            out += path_problems(self.name, "model.name")
         if not _DEVICE.fullmatch(self.device):
             out.append(f"model.device must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
         return out
@@ -139,6 +169,10 @@ class DataConfig:
     """Cap on packed validation sequences per subset (None = all)."""
     on_bad_record: Literal["error", "skip"] = "error"
     """`error` stops at the first bad record; `skip` drops them and reports count and examples."""
+    heldout_overlap: Literal["warn", "error"] = "warn"
+    """A held-out document that also feeds a training split is always refused (Stage 1, exit 2).
+    This decides what a held-out text that merely shares a sentence (of 30 characters or more) with
+    a training document gives: a warning with counts, or the same refusal."""
     segment_bytes: int = 64 << 20
     """An uncapped source larger than this is packed as independent segments of about this many
     input bytes (JSONL byte ranges, Parquet/datasets row ranges), so sharded Stage 1 workers split
@@ -163,13 +197,26 @@ class DataConfig:
             v = getattr(self, name)
             if v is not None and v < 0:
                 out.append(f"data.{name} must be >= 0, got {v}")
-        seen = set()
+        seen: dict[tuple, int] = {}
         for i, s in enumerate(self.sources):
             out += [f"data.sources[{i}]: {p}" for p in s.validate()]
-            key = (s.corpus, s.subset, s.path)
-            if key in seen:
-                out.append(f"data.sources[{i}]: duplicate source {s.path} for {s.corpus}/{s.subset}")
-            seen.add(key)
+            # by the file it reads, not by its spelling (heldout/../heldout/x.jsonl is heldout/x.jsonl)
+            real = os.path.realpath(expand_path(s.path))
+            for j in (seen.get(k) for k in ((s.corpus, s.subset, real), (True, real), (False, real))):
+                if j is None:
+                    continue
+                other = self.sources[j]
+                if (other.corpus, other.subset) == (s.corpus, s.subset) and other.heldout == s.heldout:
+                    out.append(f"data.sources[{i}]: duplicate source {s.path} for {s.corpus}/{s.subset} "
+                               f"(data.sources[{j}] reads the same file)")
+                    break
+                if other.heldout != s.heldout:
+                    held, trained = (i, j) if s.heldout else (j, i)
+                    out.append(f"data.sources[{held}] (heldout: true) and data.sources[{trained}] read the same file "
+                               f"{real}: its documents would be trained on; a held-out source must not feed training")
+                    break
+            seen.setdefault((s.corpus, s.subset, real), i)
+            seen.setdefault((s.heldout, real), i)
         caps = [s.max_val_sequences if s.max_val_sequences is not None else self.max_val_sequences
                 for s in self.sources]
         if caps and all(c == 0 for c in caps):
@@ -229,7 +276,7 @@ class TeacherConfig:
             out.append(f"teacher.zstd_level must be in [1, 22], got {self.zstd_level}")
         if self.fidelity_sequences < 0:
             out.append(f"teacher.fidelity_sequences must be >= 0, got {self.fidelity_sequences}")
-        return out
+        return out + path_problems(self.cache_root, "teacher.cache_root")
 
 
 @dataclass
@@ -362,9 +409,16 @@ class TrainConfig:
                 out.append(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if not self.out_dir:
             out.append("train.out_dir is empty")
-        if self.run_name is not None and not _RUN_NAME.fullmatch(self.run_name):
+        else:
+            out += path_problems(self.out_dir, "train.out_dir")
+        if self.run_name is not None and len(self.run_name.encode()) > NAME_MAX:
+            out.append(f"train.run_name is {len(self.run_name.encode())} bytes long, over the {NAME_MAX} "
+                       f"a file system allows for one folder name")
+        elif self.run_name is not None and not _RUN_NAME.fullmatch(self.run_name):
             out.append(f"train.run_name {self.run_name!r} must be one folder name inside train.out_dir "
                        f"(letters, digits, . _ + = -; no /, no leading dot)")
+        if self.cache_dir:
+            out += path_problems(self.cache_dir, "train.cache_dir")
         if self.resume and not self.run_name:
             out.append("train.resume=true needs train.run_name: the run folder to continue "
                        "(it is never guessed, so a finished run is not extended by mistake)")
@@ -462,6 +516,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), data:
             apply_override(raw, o)
         except ConfigError as e:
             problems += e.problems
+    # before anything walks the values: an alias bomb is refused, not expanded
+    too_big = config_size_problems(raw)
+    if too_big:
+        raise ConfigError(problems + too_big)
     cfg = build_dataclass(MolConfig, raw, "", problems)
     # value checks run on every section, also one with type errors, so one pass lists everything
     for section in _SECTIONS:

@@ -51,6 +51,14 @@ def world(tiny_model_dir, tmp_path_factory) -> dict:
     (root / "bad.yaml").write_text("model: {name: x\n  bad")
     (root / "latin1.yaml").write_bytes('model:\n  name: "caf\xe9"\n'.encode("latin-1"))
     (root / "bad.json").write_text("{bad")
+    levels = ["    a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [
+        f"    {b}: &{b} [{', '.join(['*' + a] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")]
+    (root / "bomb.yaml").write_text((root / "cfg.yaml").read_text().replace(
+        "  chat_template_kwargs: {}\n", "  chat_template_kwargs:\n" + "\n".join(levels) + "\n"))
+    assert "*h" in (root / "bomb.yaml").read_text()
+    import os
+
+    os.mkfifo(root / "corpus.fifo")
     return {"root": root, "cfg": str(root / "cfg.yaml"), "run": str(run), "pickled": str(pickled)}
 
 
@@ -88,6 +96,20 @@ CASES = [
      None),
     ("cache-root-is-a-file", "teacher_cache", ["{cfg}", "teacher.cache_root={root}/afile"],
      ["teacher.cache_root", "not a folder"], {}, None),
+    # names no file system allows, a FIFO as a corpus, a config of nested aliases (issue 34)
+    ("run-name-too-long", "train", ["{cfg}", "train.run_name=" + "r" * 256], ["train.run_name", "over the 255"], {},
+     None),
+    ("out-dir-name-too-long", "train", ["{cfg}", "train.out_dir={root}/" + "o" * 256],
+     ["train.out_dir", "a name in it is 256 bytes long"], {}, None),
+    ("cache-root-name-too-long", "teacher_cache", ["{cfg}", "teacher.cache_root={root}/" + "c" * 300 + "/x"],
+     ["teacher.cache_root", "a name in it is 300 bytes long"], {"mol.teacher._prepare": _must_not_run}, None),
+    ("source-name-too-long", "teacher_cache", ["{cfg}", "data.sources.0.path={root}/" + "s" * 256 + ".jsonl"],
+     ["data.sources[0]: path", "over the 255"], {"mol.teacher._prepare": _must_not_run}, None),
+    ("model-name-too-long", "teacher_cache", ["{cfg}", "model.name={root}/" + "m" * 256],
+     ["model.name", "over the 255"], {"mol.teacher._prepare": _must_not_run}, None),
+    ("fifo-as-corpus", "teacher_cache", ["{cfg}", "data.sources.0.path={root}/corpus.fifo"],
+     ["data.sources[0]: path", "is a FIFO, not a file or a folder"], {"mol.teacher._prepare": _must_not_run}, None),
+    ("alias-bomb", "train", ["{root}/bomb.yaml"], ["model.chat_template_kwargs", "YAML aliases here expand"], {}, None),
     # a failed model load leaves no run folder behind
     ("model-load-fails", "train", ["{cfg}", "train.run_name=noload"], ["bitsandbytes"],
      {"mol.train.load_model": _fail_model_load}, "runs/noload"),

@@ -124,3 +124,76 @@ def test_settings_that_guarantee_a_later_failure_are_rejected(overrides, needle)
     with pytest.raises(ConfigError) as e:
         load_config(ROOT / "data/default.yaml", overrides)
     assert any(needle in p for p in e.value.problems), e.value.problems
+
+
+def _sources(*entries) -> dict:
+    return {"data": {"sources": [dict(zip(("path", "corpus", "subset", "heldout"), e)) for e in entries]}}
+
+
+def test_a_heldout_file_that_also_feeds_training_is_refused_however_it_is_spelled(tmp_path):
+    (tmp_path / "heldout").mkdir()
+    held = tmp_path / "heldout" / "x.jsonl"
+    held.write_text('{"text": "a"}\n')
+    (tmp_path / "link.jsonl").symlink_to(held)
+    spellings = [str(held), str(tmp_path / "heldout" / ".." / "heldout" / "x.jsonl"), str(tmp_path / "link.jsonl")]
+    for train_path in spellings:
+        for subset in ("other", "unseen"):  # another subset name, or the same one
+            with pytest.raises(ConfigError) as e:
+                load_config(data=_sources((str(held), "general", "unseen", True), (train_path, "general", subset, False)))
+            assert any("data.sources[0] (heldout: true) and data.sources[1] read the same file" in p
+                       and "must not feed training" in p for p in e.value.problems), (train_path, subset, e.value.problems)
+    # the held-out source listed second is named as such too
+    with pytest.raises(ConfigError, match=r"data.sources\[1\] \(heldout: true\) and data.sources\[0\]"):
+        load_config(data=_sources((spellings[1], "domain", "a", False), (str(held), "general", "unseen", True)))
+    # the duplicate check reads real paths too; one file under two training subsets stays allowed
+    with pytest.raises(ConfigError, match=r"duplicate source .* \(data.sources\[0\] reads the same file\)"):
+        load_config(data=_sources((str(held), "general", "g", False), (spellings[1], "general", "g", False)))
+    load_config(data=_sources((str(held), "general", "g", False), (spellings[2], "general", "h", False)))
+
+
+def test_a_yaml_alias_bomb_is_refused_naming_its_key_without_expanding_it(tmp_path):
+    levels = ["    a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [
+        f"    {b}: &{b} [{', '.join(['*' + a] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")]
+    cfg = tmp_path / "bomb.yaml"
+    cfg.write_text("model:\n  name: x\n  chat_template_kwargs:\n" + "\n".join(levels) + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    (msg,) = e.value.problems
+    # 9 levels of 9 aliases each: 9^9 ones and the lists around them
+    assert msg.startswith("model.chat_template_kwargs.g: YAML aliases here expand the config to 4"), msg
+    assert int(msg.split(" to ")[1].split(" values")[0].replace(",", "")) > 9 ** 9, msg
+    cyc = tmp_path / "cycle.yaml"
+    cyc.write_text("model:\n  name: x\n  chat_template_kwargs: &a {x: *a}\n")
+    with pytest.raises(ConfigError, match=r"model.chat_template_kwargs.x: a YAML alias refers to a value that contains it"):
+        load_config(cyc)
+    # an override is a YAML value too
+    with pytest.raises(ConfigError, match="YAML aliases here expand the config"):
+        load_config(data={}, overrides=["model.chat_template_kwargs={a: &a [1,1,1,1,1,1,1,1,1,1], "
+                                        + ", ".join(f"{c}: &{c} [{', '.join(['*' + p] * 10)}]" for p, c in
+                                                    zip("abcde", "bcdef")) + "}"])
+    # aliases that stay small are fine
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("model:\n  name: x\n  chat_template_kwargs: {a: &a [1, 2], b: *a}\n")
+    assert load_config(ok, data=_sources((str(tmp_path / "x.jsonl"), "domain", "a", False))).model.chat_template_kwargs == {"a": [1, 2], "b": [1, 2]}
+
+
+def test_a_path_name_over_255_bytes_or_a_fifo_is_one_error_line_per_setting(tmp_path):
+    import os
+
+    long = "x" * 256
+    fifo = tmp_path / "corpus.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError) as e:
+        load_config(data={"model": {"name": str(tmp_path / long)},
+                          "data": {"sources": [{"path": f"{tmp_path}/{long}.jsonl", "corpus": "domain", "subset": "a"},
+                                               {"path": str(fifo), "corpus": "general", "subset": "b"}]},
+                          "teacher": {"cache_root": f"{tmp_path}/{long}/c"},
+                          "train": {"out_dir": f"{tmp_path}/{long}", "run_name": long, "cache_dir": f"/{long}"}})
+    probs = e.value.problems
+    for what in ("model.name", "data.sources[0]: path", "teacher.cache_root", "train.out_dir", "train.cache_dir"):
+        assert any(p.startswith(f"{what}: a name in it is ") and "over the 255 a file system allows" in p
+                   for p in probs), (what, probs)
+    assert "train.run_name is 256 bytes long, over the 255 a file system allows for one folder name" in probs
+    assert f"data.sources[1]: path: {fifo} is a FIFO, not a file or a folder" in probs
+    # 255 bytes is allowed: the limit is the file system's
+    load_config(data={"train": {"run_name": "y" * 255}, **_sources((str(tmp_path / ("z" * 250)), "domain", "a", False))})
