@@ -239,8 +239,9 @@ def evaluate_run(run_dir: Path, *, mcq_items: int | None = None, eval_dir: Path 
     run_any = n_items != 0 and bool(cfg.eval.mcq_sets or cfg.eval.tasks)
     tasks = H.resolve_tasks(cfg.eval.mcq_sets, cfg.eval.tasks, eval_dir, n_items) if run_any else None
     try:
-        return _evaluate(run_dir, cfg, summary, kind, weights, n_items, eval_dir, tasks, make_bar, base_json, saved,
-                         device, heldout)
+        with C.ReadLocks() as held:  # the cache's set and units, until the evaluation ends: a gc skips them
+            return _evaluate(run_dir, cfg, summary, kind, weights, n_items, eval_dir, tasks, make_bar, base_json,
+                             saved, device, heldout, held)
     finally:
         if tasks is not None:
             tasks.close()
@@ -248,8 +249,9 @@ def evaluate_run(run_dir: Path, *, mcq_items: int | None = None, eval_dir: Path 
 
 def _evaluate(run_dir: Path, cfg: MolConfig, summary: dict, kind: str, weights: Path, n_items: int | None,
               eval_dir: Path, tasks: H.TaskSet | None, make_bar: MakeBar, base_json: Path | None,
-              saved: dict | None, device: torch.device, heldout: bool = True) -> dict:
-    cache = C.TeacherCache(summary["cache_dir"])
+              saved: dict | None, device: torch.device, heldout: bool = True,
+              held: C.ReadLocks | None = None) -> dict:
+    cache = C.open_held(Path(summary["cache_dir"]), held) if held is not None else C.TeacherCache(summary["cache_dir"])
     model_path = Path(summary["model_path"]) if "model_path" in summary else resolve_model_path(cfg.model.name)
     # KL-to-base is only meaningful against labels from this very base model
     cache.check_compatible(model_fp=model_fingerprint(model_path), tokenizer_fp=tokenizer_fingerprint(model_path),

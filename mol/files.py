@@ -7,6 +7,7 @@ cut can bring back the old name, or no name at all, over data that was fsynced."
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -67,11 +68,48 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def try_lock(path: Path, shared: bool = False) -> int:
     """Take an advisory lock on `path` (created if absent) without waiting; returns the descriptor
-    (closing it releases the lock, as does the process's death). Raises BlockingIOError if held."""
-    fd = os.open(path, os.O_CREAT | os.O_RDWR)
+    (closing it releases the lock, as does the process's death). Raises BlockingIOError if held.
+    A shared lock needs no write access: a reader of a file it may not write still locks it."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR)
+    except OSError as e:
+        if not shared or e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        fd = os.open(path, os.O_RDONLY)  # flock works on a read-only descriptor
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise
     return fd
+
+
+def lock_holders(path: Path) -> list[int]:
+    """The ids of the processes holding a flock on `path`, from Linux's /proc/locks (matched by
+    inode); [] where it cannot tell (another system, another pid namespace). For a message naming
+    who holds a lock, never for a decision: the lock itself decides."""
+    try:
+        inode = os.stat(path).st_ino
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return []
+    pids = []
+    for line in lines:
+        f = line.split()  # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF"; a waiter's has "->" second
+        if len(f) < 6 or f[1] != "FLOCK":
+            continue
+        try:
+            pid, node = int(f[4]), int(f[5].rsplit(":", 1)[-1])
+        except ValueError:
+            continue
+        if node == inode and pid > 0 and pid not in pids:
+            pids.append(pid)
+    return pids
+
+
+def holders_text(path: Path) -> str:
+    """'pid N' (or 'pids N, M') of `lock_holders`, else 'a running process'."""
+    pids = lock_holders(path)
+    if not pids:
+        return "a running process"
+    return ("pid " if len(pids) == 1 else "pids ") + ", ".join(map(str, pids))

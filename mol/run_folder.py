@@ -3,8 +3,8 @@ resumed run may change.
 
     <out_dir>/<run_name>/
       config.yaml     the config the run started with (never rewritten by a resume)
-      run.json        what it trained from (the cache's fingerprint) and every resume, with the
-                      settings that resume changed
+      run.json        what it trained from (the cache's fingerprint and its units' shard
+                      digests) and every resume, with the settings that resume changed
       metrics.jsonl   one line per optimizer step and per validation
       checkpoints/    step-NNNNNN/state.pt and `latest`, which only ever names a complete one
       adapter/ | model/ [merged/]   the weights, written at the end
@@ -92,6 +92,21 @@ def _reason(e: Exception) -> str:
 
 def _may_change(key: str) -> bool:
     return key in RESUME_MAY_CHANGE or key.startswith("teacher.")
+
+
+def content_changes(before: dict, now: dict) -> list[str]:
+    """How a cache's shard digests (`TeacherCache.content_digests`) differ from those a run recorded:
+    one line a unit."""
+    out = []
+    for unit in sorted(before.keys() | now.keys()):
+        if unit not in now:
+            out.append(f"{unit} was in the run's cache, not in this one")
+        elif unit not in before:
+            out.append(f"{unit} is not in the run's cache")
+        elif before[unit] != now[unit]:
+            out.append(f"{unit}: its shards' sha256 differ (digest {str(before[unit])[:12]} when the run "
+                       f"started, {now[unit][:12]} now)")
+    return out
 
 
 def default_run_name(cfg: MolConfig) -> str:
@@ -219,14 +234,20 @@ class RunFolder:
             raise RunFolderError(f"{p}: not a JSON object")
         return rec
 
-    def start(self, cfg: MolConfig, cache_fingerprint: str, cache_dir: Path) -> None:
+    def start(self, cfg: MolConfig, cache_fingerprint: str, cache_dir: Path, cache_content: dict | None = None) -> None:
+        """config.yaml and run.json: the cache's fingerprint (its key) and `cache_content`, its units'
+        shard digests (`TeacherCache.content_digests`), which a resume compares."""
         self._write(self.path / CONFIG, config_yaml(cfg).encode())
         self._write_record({"cache_fingerprint": cache_fingerprint, "cache_dir": str(cache_dir),
+                            **({"cache_content": cache_content} if cache_content is not None else {}),
                             "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "resumes": []})
 
-    def check_cache(self, cache_fingerprint: str) -> None:
-        """A resumed run must train on the labels it started with."""
-        before = self._record().get("cache_fingerprint")
+    def check_cache(self, cache_fingerprint: str, cache_content: dict | None = None) -> None:
+        """A resumed run must train on the labels it started with: the same key (fingerprint) and,
+        where run.json recorded them, the same bytes (a cache rebuilt under the same key, e.g. by a
+        GPU teacher after a gc, may hold other labels)."""
+        rec = self._record()
+        before = rec.get("cache_fingerprint")
         if before is None:
             log.warning("%s has no %s (started by an older version): its cache cannot be compared", self.path, RECORD)
         elif before != cache_fingerprint:
@@ -234,6 +255,19 @@ class RunFolder:
                 f"{self.path}: the run started from teacher cache {before[:16]}, this config names "
                 f"{cache_fingerprint[:16]} (other data, model or teacher settings); a resumed run must "
                 f"train on the labels it started with")
+        if cache_content is None or before is None:
+            return
+        if not isinstance(rec.get("cache_content"), dict):
+            log.warning("%s records no shard digests of its cache (started by an older version): the "
+                        "cache's key matches, its bytes cannot be compared", self.path / RECORD)
+            return
+        changed = content_changes(rec["cache_content"], cache_content)
+        if changed:
+            raise RunFolderError(
+                f"{self.path}: teacher cache {cache_fingerprint[:16]} was rebuilt since the run started, with "
+                f"other bytes: {'; '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}; a resumed run "
+                f"must train on the labels it started with: restore that cache, or start a new run "
+                f"(another train.run_name)")
 
     def record_resume(self, step: int, changes: dict) -> None:
         """Appended to run.json: the step resumed from and the settings changed (none that matter)."""

@@ -32,7 +32,9 @@ import torch
 from . import cache as C
 from .cache import cache_lock
 from .config import MolConfig, dump_config
+from .files import fsync_dir
 from .corpora import CorpusError, Segment, SegmentPacker, SourceReport, check_report, source_caps, source_segments
+from .heldout import check_heldout_disjoint
 from .labels import check_top_k, config_vocab_size, measure_fidelity, teacher_labels
 from .model import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
 from .spans import NO_SPANS, Spans
@@ -213,6 +215,9 @@ class _Pass:
     device: torch.device
     spans: Spans = NO_SPANS
     bar: Progress = lambda n: None
+    # shared locks on every unit the set will name, from the moment the unit is complete (or
+    # labelled) until the set manifest is written: a gc removes none of them under this pass
+    held: C.ReadLocks = dataclasses.field(default_factory=C.ReadLocks)
 
     def writer(self) -> C.ShardWriter:
         t = self.cfg.teacher
@@ -332,6 +337,7 @@ def _label_unit(p: _Pass, i: int, segments: list[Segment], outcome: dict, deferr
     me, n_workers = cfg.teacher.worker_index, cfg.teacher.num_workers
     sharded = n_workers > 1
     with cache_lock(u.dir, me if sharded else None, shared=sharded, what="unit"):
+        p.held.add(u.dir)  # kept until the set manifest names it
         if (u.dir / C.MANIFEST).is_file():  # finished by another config's pass meanwhile
             return
         resumed, secs0, toks0, u0 = False, p.labeller.seconds, p.labeller.tokens, time.time()
@@ -366,13 +372,52 @@ def run_teacher_pass(cfg: MolConfig, make_bar: Optional[MakeBar] = None, *, back
     make_bar = make_bar or (lambda total, desc: (lambda n: None))
     t0 = time.time()
     p = _start(cfg, backend, spans)
-    rk = p.rk
+    if _set_complete(p.rk):
+        log.info("cache %s is complete for this config: nothing to do", p.rk.cache_dir)
+        return p.rk.cache_dir, "up-to-date"
+    with spans.span("held-out text against training text"), _input_errors():
+        check_heldout_disjoint(cfg, p.tokenizer)  # before anything is labelled or written
+    with p.held:
+        return _run_pass(p, make_bar, t0)
+
+
+def _set_complete(rk: C.ResolvedSet) -> bool:
+    """The set manifest exists and so does every unit it names. A set whose unit is gone (removed by
+    hand or by a gc) is not complete: the pass builds the unit again, then the set manifest."""
+    if not (rk.cache_dir / C.MANIFEST).is_file():
+        return False
+    gone = _gone_units(rk)
+    if gone:
+        log.warning("cache %s names %d unit(s) that are gone or incomplete (%s): building them again",
+                    rk.cache_dir, len(gone), ", ".join(gone))
+    return not gone
+
+
+def _gone_units(rk: C.ResolvedSet) -> list[str]:
+    return [u.name for u in rk.units if not (u.dir / C.MANIFEST).is_file()]
+
+
+def _withdraw_set(rk: C.ResolvedSet) -> None:
+    """Under the set's lock: a set manifest over a unit that is gone promises what is not there;
+    it is removed (durably) before the unit is rebuilt, and written again, last, once it is."""
+    if (rk.cache_dir / C.MANIFEST).is_file() and _gone_units(rk):
+        (rk.cache_dir / C.MANIFEST).unlink(missing_ok=True)
+        fsync_dir(rk.cache_dir)
+
+
+def _hold_complete_units(p: _Pass) -> dict[int, bool]:
+    """{unit index: complete?}, each complete unit locked for reading first (`p.held`), so that what
+    is found complete here stays so until the set manifest names it."""
+    return {i: p.held.add(u.dir) and (u.dir / C.MANIFEST).is_file() for i, u in enumerate(p.rk.units)}
+
+
+def _run_pass(p: _Pass, make_bar: MakeBar, t0: float) -> tuple[Path, str]:
+    """`run_teacher_pass` once the set is known incomplete, with `p.held` open (closed by the caller
+    after the set manifest is written)."""
+    cfg, rk, spans = p.cfg, p.rk, p.spans
     n_workers, me = cfg.teacher.num_workers, cfg.teacher.worker_index
-    if (rk.cache_dir / C.MANIFEST).is_file():
-        log.info("cache %s is complete for this config: nothing to do", rk.cache_dir)
-        return rk.cache_dir, "up-to-date"
     sharded = n_workers > 1
-    done = {i: (rk.units[i].dir / C.MANIFEST).is_file() for i in range(len(rk.units))}
+    done = _hold_complete_units(p)
     items = [(i, s) for j, (i, s) in enumerate(_plan(cfg, rk)) if j % n_workers == me and not done[i]]
     outcome = {i: {"status": "reused", "labelled_tokens": 0} for i in range(len(rk.units))}
     for i in range(len(rk.units)):
@@ -383,6 +428,7 @@ def run_teacher_pass(cfg: MolConfig, make_bar: Optional[MakeBar] = None, *, back
     p.bar = make_bar(None, "teacher pass" if not sharded else f"teacher pass, worker {me}/{n_workers}")
     deferred: list[tuple[C.ResolvedUnit, dict]] = []
     with cache_lock(rk.cache_dir, me if sharded else None, shared=sharded):
+        _withdraw_set(rk)
         try:
             if me == 0:
                 dump_config(cfg, rk.cache_dir / "config.yaml")
@@ -521,12 +567,14 @@ def finalize_cache(cfg: MolConfig, *, spans: Spans = NO_SPANS) -> tuple[Path, st
     t0 = time.time()
     p = _start(cfg, None, spans)
     rk = p.rk
-    if (rk.cache_dir / C.MANIFEST).is_file():
+    if _set_complete(rk):
         return rk.cache_dir, "up-to-date"
     n_workers = cfg.teacher.num_workers
     plan = _plan(cfg, rk)
-    with cache_lock(rk.cache_dir):
-        pending = [u for u in rk.units if not (u.dir / C.MANIFEST).is_file()]
+    with p.held, cache_lock(rk.cache_dir):
+        _withdraw_set(rk)
+        done = _hold_complete_units(p)
+        pending = [u for i, u in enumerate(rk.units) if not done[i]]
         problems = []
         for u in pending:  # every unit checked before any manifest is written
             segs, first = _unit_items(plan, rk.units.index(u))
@@ -543,6 +591,7 @@ def finalize_cache(cfg: MolConfig, *, spans: Spans = NO_SPANS) -> tuple[Path, st
                 _reuse_unit(u)
                 continue
             with cache_lock(u.dir, what="unit"):
+                p.held.add(u.dir)  # kept until the set manifest names it
                 for f in u.dir.glob(C.MANIFEST + ".tmp*"):  # a killed finalize's
                     f.unlink(missing_ok=True)
                 stats = [json.loads(f.read_text()) for f in sorted(u.dir.glob("worker-*.json"))]

@@ -265,11 +265,23 @@ def grad_probe(model, params: list, rows: list[dict], k: int, chunk: int, device
     return out
 
 
-def open_cache(cfg: MolConfig, model_path: Path, tokenizer) -> C.TeacherCache:
+def check_cache_paths(cfg: MolConfig) -> None:
+    """Refuse a train.cache_dir or teacher.cache_root that is a file (or lies under one), naming the
+    setting: the cache lookup would otherwise say "no complete teacher cache ... run make
+    teacher-cache", which no teacher pass can fix."""
+    if cfg.train.cache_dir:
+        check_path(cfg.train.cache_dir, "train.cache_dir")
+    else:
+        check_path(cfg.teacher.cache_root, "teacher.cache_root")
+
+
+def open_cache(cfg: MolConfig, model_path: Path, tokenizer, held: C.ReadLocks | None = None) -> C.TeacherCache:
     """The run's cache, checked against the run's model, tokenizer, k and vocabulary, its manifests
     against every shard's footer (sizes, schema, rows, resume records). Each shard's sha256 and
     values are checked by the reader when it first reads the shard, before any of its rows reaches
-    a step (hashing the whole cache here took ~1 s a GB before the first step)."""
+    a step (hashing the whole cache here took ~1 s a GB before the first step). `held`: shared
+    locks on the set and its units, taken before their manifests are read and kept by the caller
+    for as long as it reads them (a gc removes none of them meanwhile)."""
     if cfg.train.cache_dir:
         cache_dir = expand_path(cfg.train.cache_dir)
     else:
@@ -277,7 +289,7 @@ def open_cache(cfg: MolConfig, model_path: Path, tokenizer) -> C.TeacherCache:
     if not (cache_dir / C.MANIFEST).is_file():
         raise TrainingError(f"no complete teacher cache at {cache_dir}: run `make teacher-cache` "
                             f"(python -m stages.teacher_cache CONFIG) with the same model/data/teacher settings")
-    cache = C.TeacherCache(cache_dir)
+    cache = C.open_held(cache_dir, held) if held is not None else C.TeacherCache(cache_dir)
     from .labels import config_vocab_size
 
     cache.check_compatible(model_fp=model_fingerprint(model_path), tokenizer_fp=tokenizer_fingerprint(model_path),
@@ -488,14 +500,17 @@ def train(cfg: MolConfig, make_bar: Optional[MakeBar] = None, stop_after: Option
 
     Everything a run could refuse is checked before the model is loaded, in order of cost: the batch
     split, the run folder (lock, fresh or resumable with the settings it started with), the cache
-    (checksums and contract) and, on resume, that it is the cache the run started from."""
+    (checksums and contract) and, on resume, that it is the cache the run started from, key and
+    bytes. The cache's set and units are locked for reading until the run ends."""
     make_bar = make_bar or (lambda total, desc: (lambda n: None))
     t = cfg.train
     procs = _Processes(pick_device(cfg.model.device))
     _batch_split(t, procs.world)
     check_path(t.out_dir, "train.out_dir")
+    check_cache_paths(cfg)
     run = RunFolder.for_config(cfg)
-    with run.lock(main=procs.main, share=procs.first):
+    # the cache's folders are locked for reading for the whole run: a gc skips them
+    with run.lock(main=procs.main, share=procs.first), C.ReadLocks() as held:
         changes = run.check_resume(cfg) if t.resume else run.check_fresh()
         if t.resume and run.finished():
             log.info("%s finished already (%s exists): nothing to resume", run.path, SUMMARY)
@@ -503,10 +518,10 @@ def train(cfg: MolConfig, make_bar: Optional[MakeBar] = None, stop_after: Option
         procs.barrier()  # every process has checked before rank 0 writes anything
         model_path = resolve_model_path(cfg.model.name)
         tokenizer = load_tokenizer(model_path)
-        cache = open_cache(cfg, model_path, tokenizer)
-        fingerprint = cache.fingerprint
+        cache = open_cache(cfg, model_path, tokenizer, held)
+        fingerprint, content = cache.fingerprint, cache.content_digests()
         if t.resume:
-            run.check_cache(fingerprint)
+            run.check_cache(fingerprint, content)
         data = _Data.open(cache, t)
         steps = total_steps(cfg, data.plan)
 
@@ -517,7 +532,7 @@ def train(cfg: MolConfig, make_bar: Optional[MakeBar] = None, stop_after: Option
         loop = _Loop(cfg, procs, run, data, model, cache.k)
         if procs.main and not t.resume:
             # only once the model and optimizer exist: a refused load leaves no run folder behind
-            run.start(cfg, fingerprint, cache.path)
+            run.start(cfg, fingerprint, cache.path, content)
         start = 0
         if t.resume:
             if run.latest_checkpoint() is not None:

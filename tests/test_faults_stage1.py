@@ -201,6 +201,57 @@ def test_two_teacher_processes_at_once(small, tmp_path):
     assert_complete_like(cache_dir, small["ref"])
 
 
+def _pre_pause_before_set_manifest(here: str, go: str) -> str:
+    """The pass stops just before it writes its set manifest (every unit reused and checked) until
+    the test's go file appears."""
+    return f"""
+import os, time, mol.teacher as T
+_real = T._write_set
+def _paused(*a, **kw):
+    open({here!r}, "w").close()
+    t0 = time.monotonic()
+    while not os.path.exists({go!r}) and time.monotonic() - t0 < 120:
+        time.sleep(0.01)
+    return _real(*a, **kw)
+T._write_set = _paused
+"""
+
+
+@faults
+def test_gc_during_a_reusing_teacher_pass_cli(small, tmp_path):
+    """A teacher pass that reuses every unit (another order of the same sources: a set of its own),
+    and `cache_info --gc` with a config that uses none of them, run while the pass is between its
+    reuse checks and its set manifest: gc skips each unit naming the pass's pid, the pass writes a
+    set that verifies, and the next pass finds it complete. Before: the reusing pass took no lock,
+    gc removed the units, and every later pass said "nothing to do" over a set naming them."""
+    root = tmp_path / "caches"
+    shutil.copytree(small["ref_dir"].parent.parent, root)
+    d = {**small["cfg"], "teacher": {**small["cfg"]["teacher"], "cache_root": str(root)}}
+    reuse = write_yaml(tmp_path / "reuse.yaml", {**d, "data": {**d["data"], "sources": d["data"]["sources"][::-1]}})
+    other = write_yaml(tmp_path / "other.yaml", {**d, "teacher": {**d["teacher"], "top_k": 4}})
+    units = sorted(p for p in (root / C.UNITS_DIR).iterdir())
+    here, go = tmp_path / "paused", tmp_path / "go"
+    teacher = spawn_stage("stages.teacher_cache", [reuse], tmp_path / "teacher.log",
+                          _pre_pause_before_set_manifest(str(here), str(go)))
+    try:
+        t0 = time.monotonic()
+        while not here.exists():
+            assert teacher.poll() is None, (tmp_path / "teacher.log").read_text()[-3000:]
+            assert time.monotonic() - t0 < 120, "the pass never reached its set manifest"
+            time.sleep(0.02)
+        rc, out = run_stage("stages.cache_info", ["--gc", str(other), "--yes"], tmp_path / "gc.log")
+    finally:
+        go.touch()
+    assert rc == 0 and "Traceback" not in out, out[-3000:]
+    for u in units:
+        assert f"skip   {u} (in use by a trainer, an evaluation or a teacher pass reading it: pid {teacher.pid})" in out, out
+        assert (u / C.MANIFEST).is_file()
+    assert teacher.wait(timeout=300) == 0, (tmp_path / "teacher.log").read_text()[-3000:]
+    rc, out = run_stage("stages.teacher_cache", [reuse], tmp_path / "again.log")
+    assert rc == 0 and "teacher cache up-to-date" in out, out[-3000:]
+    assert C.TeacherCache(C.resolve_cache_key(load_config(reuse)).cache_dir).verify() == []
+
+
 # --------------------------------------------------------------------------- 3. corrupt caches
 
 

@@ -4,6 +4,7 @@ wrong accepted. The shared helpers and the explanation of the kills are in fault
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -15,7 +16,7 @@ import torch
 
 from conftest import metrics_records
 from faults_kit import (assert_same_metrics, faults, kill_when, latest_state, run_stage, spawn_stage, train_cfg_file,
-                        train_section)
+                        train_section, write_yaml)
 from mol import cache as C
 from mol.batching import collate
 from mol.config import load_config
@@ -376,3 +377,49 @@ def test_a_resume_with_changed_settings_is_refused_cli(small, tmp_path):
     assert {p: (run_dir / p).read_bytes() for p in before} == before
     rc, out = run_stage("stages.train", [cfg_path, "train.resume=true"], tmp_path / "c.log")
     assert rc == 2 and "train.resume=true needs train.run_name" in out, out[-3000:]
+
+
+# --------------------------------------------------------------------------- 4. a gc during a run
+
+
+def _pre_slow_steps(seconds: float) -> str:
+    """Every optimizer step takes `seconds` longer: the run is still training when the gc comes."""
+    return f"""
+import time
+from mol.train import _Loop
+_real = _Loop.step
+def _slow(self, *a, **kw):
+    time.sleep({seconds})
+    return _real(self, *a, **kw)
+_Loop.step = _slow
+"""
+
+
+@faults
+def test_gc_during_a_training_run_skips_its_cache_cli(small, ref_run, tmp_path):
+    """`cache_info --gc other.yaml --yes` while a trainer runs on the cache: gc skips the run's set and
+    units naming the trainer's pid, and the run finishes identical to the uninterrupted one. Before:
+    the trainer held no lock, gc removed its cache and the run stopped (at step 4 in the report)."""
+    root = tmp_path / "caches"
+    shutil.copytree(small["ref_dir"].parent.parent, root)
+    d = {**small["cfg"], "teacher": {**small["cfg"]["teacher"], "cache_root": str(root)},
+         "train": train_section(tmp_path / "runs", run_name="x")}
+    cfg_path = write_yaml(tmp_path / "train.yaml", d)
+    other = write_yaml(tmp_path / "other.yaml", {**d, "teacher": {**d["teacher"], "top_k": 4}, "train": {}})
+    cache_dir = C.resolve_cache_key(load_config(cfg_path)).cache_dir
+    folders = [cache_dir, *(u.path for u in C.TeacherCache(cache_dir).units)]
+    trainer = spawn_stage("stages.train", [cfg_path], tmp_path / "train.log", _pre_slow_steps(1.0))
+    metrics = tmp_path / "runs" / "x" / "metrics.jsonl"
+    t0 = time.monotonic()
+    while not (metrics.is_file() and '"type": "train"' in metrics.read_text()):
+        assert trainer.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
+        assert time.monotonic() - t0 < 120, "the trainer never reached its first step"
+        time.sleep(0.05)
+    rc, out = run_stage("stages.cache_info", ["--gc", str(other), "--yes"], tmp_path / "gc.log")
+    assert trainer.poll() is None, "the run ended before the gc: test too slow"
+    assert rc == 0 and "Traceback" not in out, out[-3000:]
+    for f in folders:
+        assert f"skip   {f} (in use by a trainer" in out and f"pid {trainer.pid})" in out, out[-3000:]
+        assert f.is_dir()
+    assert trainer.wait(timeout=300) == 0, (tmp_path / "train.log").read_text()[-3000:]
+    assert_same_metrics(metrics_records(ref_run), metrics_records(tmp_path / "runs" / "x"))

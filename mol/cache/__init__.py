@@ -31,6 +31,7 @@ The package owns both sides of the contract, bottom up (each module imports only
     writer      the shard writer (ordered renames), the folder locks, the resume prefix
     read        CacheUnit, TeacherCache (a set), verify, the one compatibility check (key_problems)
     stream      Stage 2's streaming reader (StreamingSequences)
+    locks       readers' shared locks (ReadLocks, open_held): a gc removes no folder in use
     keys        unit and set keys, fingerprints, folder names from a config: the only module that
                 reads a config, a model folder or a corpus
     inspect     what `python -m stages.cache_info` shows and does (describe, inventory, gc)
@@ -93,6 +94,7 @@ from .sequences import MASS_TOLERANCE, Sequences, concat_sequences, sequences_fr
 from .writer import ShardWriter, cache_lock, segment_prefix, segment_progress, write_shard  # noqa: F401
 from .read import COMPATIBILITY, CacheFolder, CacheUnit, TeacherCache, key_problems  # noqa: F401
 from .stream import StreamingSequences  # noqa: F401
+from .locks import READ_LOCK, ReadLocks, open_held  # noqa: F401
 from .keys import (  # noqa: F401
     ResolvedSet, ResolvedUnit, fingerprint, resolve_cache_key, row_group_rows, set_key, unit_key,
 )

@@ -9,8 +9,9 @@ import shutil
 from pathlib import Path
 
 from ..config import expand_path, load_config
-from ..files import try_lock
+from ..files import fsync_dir, holders_text, try_lock
 from .keys import resolve_cache_key
+from .locks import READ_LOCK
 from .manifest import sets_using
 from .read import CacheUnit, TeacherCache
 from .schema import SETS_DIR, UNITS_DIR, CacheError
@@ -77,19 +78,56 @@ def inventory(root: Path) -> str:
     return "\n".join(rows)
 
 
-def _locked(folder: Path) -> int | None:
-    """Take the folder's lock, the one every teacher pass, worker and finalize takes: the
-    descriptor, or None while one of them holds it. Kept until the folder is gone, so a pass
-    starting meanwhile is refused instead of writing into a folder being deleted."""
-    try:
-        return try_lock(folder / ".lock")
-    except BlockingIOError:
-        return None
+_LOCKS = ((".lock", "a teacher pass is writing it"),
+          (READ_LOCK, "in use by a trainer, an evaluation or a teacher pass reading it"))
+
+
+def _take(folder: Path, link: bool = False) -> tuple[list[int], str | None]:
+    """gc's exclusive hold on a folder: the lock every teacher pass, worker and finalize takes, then
+    the one every reader shares (mol.cache.locks). (descriptors, None), or ([], who holds which lock,
+    with its pid where the system tells it). Kept until the folder is gone, so a pass or a reader
+    starting meanwhile is refused instead of using a folder being deleted. `link`: the folder is a
+    symlink; a lock that cannot be made through it (a dangling link, a read-only target) is skipped,
+    as no reader could have taken it either."""
+    fds = []
+    for name, who in _LOCKS:
+        try:
+            fds.append(try_lock(folder / name))
+        except BlockingIOError:
+            for fd in fds:
+                os.close(fd)
+            return [], f"{who}: {holders_text(folder / name)}"
+        except OSError:
+            if not link:
+                raise
+    return fds, None
+
+
+def _size(d: Path) -> int:
+    """Bytes a removal frees: nothing for a link (its target is kept)."""
+    return 0 if d.is_symlink() else sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+
+
+def _remove(d: Path) -> None:
+    """A link is unlinked, never followed: its target (a unit kept elsewhere) stays. A folder is
+    renamed first, under the locks: rmtree unlinks .lock before the folder is gone, and a pass
+    starting then would lock a new .lock inside it. After the rename a pass starts a fresh folder; a
+    gc killed mid-delete leaves a .gc-* folder (the next gc removes it), never a half unit under its
+    own name."""
+    if d.is_symlink():
+        d.unlink(missing_ok=True)
+        fsync_dir(d.parent)
+        return
+    doomed = d if d.name.startswith(".gc-") else d.with_name(f".gc-{d.name}-{os.getpid()}")
+    os.rename(d, doomed)
+    shutil.rmtree(doomed)
 
 
 def garbage_collect(configs: list[str], yes: bool, say=print) -> int:
     """Remove (`yes`; else list) every unit and set folder under these configs' cache roots that none
-    of them uses, each under its lock; `say` gets one line a folder and the total."""
+    of them uses, each under its locks (a folder a teacher pass writes or a reader reads is skipped,
+    naming who holds it), and what an interrupted gc left (.gc-* folders and links); `say` gets one
+    line a folder and the total."""
     cfgs = [load_config(c) for c in configs]
     roots = {expand_path(c.teacher.cache_root) for c in cfgs}
     keep = set()
@@ -100,26 +138,24 @@ def garbage_collect(configs: list[str], yes: bool, say=print) -> int:
     for root in sorted(roots):
         for kind in (UNITS_DIR, SETS_DIR):
             for d in sorted((root / kind).glob("*")):
-                if not d.is_dir() or d.name in keep:
+                link = d.is_symlink()
+                if d.name in keep or not (link or d.is_dir()):
                     continue
-                fd = _locked(d)
-                if fd is None:
-                    say(f"skip   {d} (a teacher pass holds its lock)")
+                # an interrupted gc's renamed link: no reader opens a .gc-* name, no lock to take
+                fds, held = ([], None) if link and d.name.startswith(".gc-") else _take(d, link)
+                if held:
+                    say(f"skip   {d} ({held})")
                     continue
                 try:
-                    size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+                    size = _size(d)
                     freed += size
-                    say(f"{'remove' if yes else 'would remove'} {d}  ({size / 1e6:.1f} MB)")
+                    what = f"a link to {os.readlink(d)}: the link only, its target is kept" if link else f"{size / 1e6:.1f} MB"
+                    say(f"{'remove' if yes else 'would remove'} {d}  ({what})")
                     if yes:
-                        # Renamed first, under the lock: rmtree unlinks .lock before the folder is
-                        # gone, and a pass starting then would lock a new .lock inside it. After the
-                        # rename a pass starts a fresh folder; a gc killed mid-delete leaves a .gc-*
-                        # folder (the next gc removes it), never a half unit under its own name.
-                        doomed = d if d.name.startswith(".gc-") else d.with_name(f".gc-{d.name}-{os.getpid()}")
-                        os.rename(d, doomed)
-                        shutil.rmtree(doomed)
+                        _remove(d)
                 finally:
-                    os.close(fd)
+                    for fd in fds:
+                        os.close(fd)
     say(f"{'freed' if yes else 'would free'} {freed / 1e6:.1f} MB" + ("" if yes else "; run again with --yes to remove"))
     return 0
 

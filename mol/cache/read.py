@@ -4,6 +4,7 @@ units, the `sets/` folder), opened through their manifests; verify; and the one 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -334,6 +335,15 @@ class TeacherCache(CacheFolder):
     @property
     def shard_count(self) -> int:
         return sum(u.shard_count for u in self.units)
+
+    def content_digests(self) -> dict[str, str]:
+        """{"units/<name>": sha256 of its (file, sha256) shard list}, from the manifests: what a
+        resumed run compares to tell a cache rebuilt under the same key (the same fingerprint) with
+        other bytes, e.g. by a GPU teacher after a gc, from the one it started on. The reader checks
+        every shard's bytes against these sha256s before it uses them."""
+        return {f"{UNITS_DIR}/{u.path.name}": hashlib.sha256(
+                    json.dumps([[s["file"], s["sha256"]] for s in u.shards]).encode()).hexdigest()
+                for u in self.units}
 
     def verify(self, progress=None, *, checksums: bool = True, contents: bool = True) -> list[str]:
         """Every unit's checks (see CacheUnit.verify: `checksums` and `contents` as there), and each
