@@ -4,6 +4,11 @@ Every record becomes one document: `{"text": ...}` as is, chat (`{"messages": [.
 (`{"question": ..., "answer": ...}`) records through the tokenizer's chat template, so text and QA
 train in one pipeline. Documents are joined with EOS and cut into `max_seq_len` sequences within
 one (corpus, subset, split). Everything is deterministic: the same config gives the same sequences.
+
+A long document (a text file, or a text of more than PIECE_CHARS characters, plain or rendered) is
+tokenized in pieces cut at the end of a word, one piece per step of the packer, so memory is bounded
+by a piece and the packer's window, not by the document (see `piece_end` for why the ids are those
+of one call).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import re
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +28,8 @@ import numpy as np
 
 from .config import DataConfig, SourceConfig, expand_path
 # CorpusError, Where, detect_format and iter_records are also imported from here (teacher, cache, tests)
-from .corpus_formats import CorpusError, Where, detect_format, iter_records, read_records, table_rows  # noqa: F401
+from .corpus_formats import (CorpusError, TextFile, Where, check_source_path, detect_format,  # noqa: F401
+                             iter_records, read_records, table_rows)
 from .model import sha256_file
 
 log = logging.getLogger(__name__)
@@ -65,6 +72,7 @@ class SourceReport:
 
 def source_fingerprint(path: Path) -> str:
     """sha256 of the source's bytes (every file of a folder, in sorted order)."""
+    check_source_path(path)  # hashing a FIFO would wait for a writer forever
     if path.is_dir():
         h = hashlib.sha256()
         for f in sorted(p for p in path.rglob("*") if p.is_file()):
@@ -123,28 +131,39 @@ def _nonempty_str(rec: dict, key: str, where: str) -> str:
     v = rec.get(key)
     if not isinstance(v, str):
         raise CorpusError(f"{where}: field {key!r} must be a string, got {type(v).__name__}")
-    if not v.strip():
+    if not v or v.isspace():  # not v.strip(): a copy of a 200 MB text
         raise CorpusError(f"{where}: field {key!r} is empty")
     return v
+
+
+def _utf8_pieces(text: str) -> Iterator[tuple[int, bytes]]:
+    """The UTF-8 of `text`, PIECE_CHARS characters at a time (with the offset of each), so a long
+    text is never encoded whole: a copy of it as large as itself."""
+    for i in range(0, len(text), PIECE_CHARS):
+        yield i, text[i:i + PIECE_CHARS].encode("utf-8")
 
 
 def _encodable(text: str, where: str) -> str:
     """JSON's \\u escapes can spell half of a UTF-16 surrogate pair alone: valid JSON, but not
     text. UTF-8 (the tokenizer, the validation split's hash) cannot encode it."""
     try:
-        text.encode("utf-8")
+        for _ in _utf8_pieces(text):
+            pass
     except UnicodeEncodeError as e:
-        raise CorpusError(f"{where}: invalid Unicode: lone surrogate \\u{ord(text[e.start]):04x} "
+        raise CorpusError(f"{where}: invalid Unicode: lone surrogate \\u{ord(e.object[e.start]):04x} "
                           f"(half of a UTF-16 pair; UTF-8 cannot encode it)") from None
     return text
 
 
-def record_to_text(rec: object, where: str, tokenizer, template_kwargs: dict) -> str:
-    """One document's text. Chat and QA records go through the chat template."""
+def record_to_text(rec: object, where: str, tokenizer, template_kwargs: dict) -> str | TextFile:
+    """One document's text. Chat and QA records go through the chat template. A text file's
+    document stays a TextFile (checked and hashed by its reader), read a window at a time."""
     if isinstance(rec, CorpusError):
         raise rec
     if not isinstance(rec, dict):
         raise CorpusError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
+    if isinstance(rec.get("text"), TextFile):
+        return rec["text"]
     if "text" in rec:
         return _encodable(_nonempty_str(rec, "text", where), where)
     if "messages" in rec:
@@ -167,12 +186,109 @@ def record_to_text(rec: object, where: str, tokenizer, template_kwargs: dict) ->
     return _encodable(tokenizer.apply_chat_template(msgs, tokenize=False, **template_kwargs), where)
 
 
-def is_val_document(text: str, val_fraction: float) -> bool:
-    """Held-out membership from a hash of the text: stable across runs, machines and Python versions."""
+def is_val_document(text: str | TextFile, val_fraction: float) -> bool:
+    """Held-out membership from a sha256 of the text's UTF-8: stable across runs, machines and
+    Python versions. Hashed a piece at a time (a text file's hash is its reader's)."""
     if val_fraction <= 0:
         return False
-    h = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
-    return h / 2**64 < val_fraction
+    if isinstance(text, TextFile):
+        digest = text.digest
+    else:
+        sha = hashlib.sha256()
+        for _, b in _utf8_pieces(text):
+            sha.update(b)
+        digest = sha.digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+
+
+PIECE_CHARS = 1 << 20
+"""A document longer than this (characters of text, or bytes of a text file) is tokenized in pieces
+of at most this size. The fast tokenizer holds ~100 bytes a token for one call (ids, offsets, token
+strings) and the packer all sequences of a document at once: a 200 MB text asked for 3.4 GB and
+aborted. 1 MiB keeps a piece's cost near 30 MB, and a call long enough that splitting costs no speed."""
+
+_WORD_END = re.compile(r"[^\W_](?=\s)")        # a letter or digit before whitespace
+_WORD_BEFORE_MARK = re.compile(r"[^\W_](?=[^\w\s])")  # ... before punctuation (text without spaces)
+
+
+def piece_end(window: str, last: bool, added_tokens: tuple[str, ...] = ()) -> int:
+    """Where the piece that starts `window` ends: all of it when it is the document's rest, else
+    after the last letter or digit that whitespace follows, else that punctuation follows, never
+    inside an added (special) token's text; else after the last special token; else the whole
+    window (a hard cut), or up to the special token it would cut.
+
+    Why the ids equal one call's: a byte-level BPE tokenizer merges only within the pieces its
+    pre-tokenizer's regex cuts (SmolLM2, GPT-2, Llama 3, Qwen: `?\\p{L}+`, `\\p{N}`, punctuation runs,
+    whitespace runs), and no such piece runs from a letter or digit into whitespace or punctuation:
+    the split is one the tokenizer makes anyway. The regex looks only ahead, so the next piece,
+    starting at that boundary (with the space that begins its first word), is cut as in the whole
+    text; the last word of this piece ends at the end of the string as it ended before the space.
+    Not covered: a hard cut (a window of PIECE_CHARS with no word end: one long run of symbols) may
+    merge differently at the cut; tokenizers whose pre-tokenizer adds a prefix space to every call
+    (SentencePiece `prepend_scheme: always`), normalizers that look across characters, and added
+    tokens with lstrip/rstrip may differ at the cut."""
+    if last:
+        return len(window)
+    for rule in (_WORD_END, _WORD_BEFORE_MARK):
+        for lo in (len(window) - 4096, len(window) - 65536, 0):  # the last match, found near the end first
+            cuts = [m.end() for m in rule.finditer(window, max(lo, 0))]
+            for cut in reversed(cuts):
+                if all(_straddles(window, cut, t) is None for t in added_tokens):
+                    return cut
+            if lo <= 0:
+                break
+    ends = [i + len(t) for t in added_tokens if (i := window.rfind(t)) >= 0]
+    if ends:  # special tokens are split out before anything else: their ends are cuts too
+        return max(ends)
+    cut = len(window)
+    for t in added_tokens:  # a hard cut still leaves special tokens whole
+        start = _straddles(window, cut, t)
+        cut = start if start else cut
+    return cut
+
+
+def _straddles(window: str, cut: int, token: str) -> int | None:
+    """The start of an occurrence of `token` that has characters on both sides of `cut`, if one
+    does; one that runs past the window's end counts (what follows is not known yet). A start of 0
+    reads as none where it moves a cut: a piece cannot be empty."""
+    for i in range(max(0, cut - len(token) + 1), cut):
+        seen = window[i:i + len(token)]
+        if i + len(token) > cut and seen == token[:len(seen)]:
+            return i
+    return None
+
+
+class _StrDoc:
+    """A document held as a str, read a window at a time as a TextFile is (offsets in characters)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def window(self, offset: int, n: int) -> tuple[str, bool]:
+        return self.text[offset:offset + n], offset + n >= len(self.text)
+
+    @staticmethod
+    def advance(offset: int, piece: str) -> int:
+        return offset + len(piece)
+
+
+def document_pieces(doc: str | TextFile, tokenizer, start: int = 0, limit: int | None = None):
+    """A document's pieces from offset `start` (characters of a str, bytes of a TextFile): (piece,
+    the offset after it, whether it is the last). Each depends only on the text from its offset, so a
+    pass resumed at an offset cuts what the uninterrupted one did."""
+    doc, limit = _StrDoc(doc) if isinstance(doc, str) else doc, limit or PIECE_CHARS
+    added = tuple(t for t in tokenizer.get_added_vocab() if len(t) > 1)
+    offset, last = start, False
+    while not last:
+        window, rest = doc.window(offset, limit)
+        cut = piece_end(window, rest, added)
+        piece, last = window[:cut], rest and cut == len(window)
+        offset = doc.advance(offset, piece)
+        yield piece, offset, last
+
+
+def _is_long(text: str | TextFile) -> bool:
+    return isinstance(text, TextFile) or len(text) > PIECE_CHARS
 
 
 def pack_array(a) -> str:
@@ -196,6 +312,11 @@ class SegmentPacker:
     full. Between two yields everything is in `state()` (reader position, the partial sequences,
     sequences packed but not yet yielded, counters), so a pass resumed from a saved state yields
     exactly what the uninterrupted one would have.
+
+    A long document (`_is_long`) ends its batch and is then tokenized one piece per `_fill`, so what
+    is pending is one piece's sequences, never a whole document's. Meanwhile `doc` in the state
+    says where it is: the reader's position before it, its split and the offset of its next piece;
+    a resumed pass reads that record again and goes on from the offset.
     """
 
     def __init__(self, src: SourceConfig, data: DataConfig, tokenizer, template_kwargs: dict, segment: Segment,
@@ -209,14 +330,17 @@ class SegmentPacker:
             self.bufs = {s: np.zeros(0, np.int32) for s in SPLITS}
             self.pending: deque = deque()
             self.report = SourceReport(path=str(self.path), corpus=src.corpus, subset=src.subset, sha256="")
+            self.doc = None
         else:
             self.pos, self.line, self.fresh, self.done = state["pos"], state["line"], False, state["done"]
             self.bufs = {s: unpack_array(state["bufs"][s]) for s in SPLITS}
             self.pending = deque((sp, unpack_array(a)) for sp, a in state["pending"])
             self.report = SourceReport(**state["report"])
+            self.doc = state.get("doc")  # a record written before long documents had none
+        self.doc_text = None  # the open long document, read again (from doc["at"]) after a resume
 
     def state(self) -> dict:
-        return {"pos": self.pos, "line": self.line, "done": self.done,
+        return {"pos": self.pos, "line": self.line, "done": self.done, "doc": self.doc,
                 "bufs": {s: pack_array(b) for s, b in self.bufs.items()},
                 "pending": [[sp, pack_array(a)] for sp, a in self.pending],
                 "report": dataclasses.asdict(self.report)}
@@ -235,9 +359,9 @@ class SegmentPacker:
             self.report.sequences[split] += 1
             self.pending.append((split, ids))
 
-    def _add(self, split: str, ids) -> None:
+    def _add(self, split: str, ids, eos: bool = True) -> None:
         L = self.data.max_seq_len
-        buf = np.concatenate([self.bufs[split], np.asarray(ids, np.int32), np.array([self.eos], np.int32)])
+        buf = np.concatenate([self.bufs[split], np.asarray(ids, np.int32), np.array([self.eos][:eos], np.int32)])
         a = 0
         while len(buf) - a >= L:
             self._emit(split, buf[a:a + L].copy())
@@ -256,27 +380,34 @@ class SegmentPacker:
         self.done = True
 
     def _fill(self) -> None:
-        """Read, render and tokenize up to _READ_BATCH records, then pack them in order."""
+        """Read, render and tokenize up to _READ_BATCH records, then pack them in order; or, while
+        a long document is open, tokenize and pack its next piece."""
+        if self.doc is not None:
+            return self._fill_piece()
         rep, max_records = self.report, self.caps["max_records"]
         batch = []  # (text or CorpusError, split)
+        at = [self.pos, self.line, self.fresh]  # where the reader is before each record
         reader = read_records(self.src, self.pos, self.segment.end, self.line, self.fresh)
         self.fresh = False
-        exhausted = True
+        exhausted, long_at = True, None
         for where, rec, pos, line in reader:
             try:
                 text = record_to_text(rec, where, self.tokenizer, self.template_kwargs)
                 held = self.src.heldout or is_val_document(text, self.data.val_fraction)
                 batch.append((text, "val" if held else "train"))
+                if _is_long(text):
+                    long_at = at  # it ends the batch: tokenized a piece at a time by the next _fills
             except CorpusError as e:
                 batch.append((e, None))
             self.pos, self.line = pos, line
-            if len(batch) >= _READ_BATCH:
+            at = [pos, line, False]
+            if len(batch) >= _READ_BATCH or long_at is not None:
                 exhausted = False
                 break
         if hasattr(reader, "close"):
             reader.close()
         # a split full before the batch stays full: its documents are never tokenized
-        todo = [i for i, (_, sp) in enumerate(batch) if sp is not None and not self._full(sp)]
+        todo = [i for i, (t, sp) in enumerate(batch) if sp is not None and not self._full(sp) and not _is_long(t)]
         tokens = self.tokenizer([batch[i][0] for i in todo], add_special_tokens=False)["input_ids"] if todo else []
         doc_ids = dict(zip(todo, tokens))
         for i, (text, split) in enumerate(batch):
@@ -296,12 +427,39 @@ class SegmentPacker:
                     exhausted = True
                     break
                 continue
-            doc = doc_ids[i]
             rep.documents[split] += 1
+            if i not in doc_ids:  # the long document that ends the batch
+                self.doc, self.doc_text = {"at": long_at, "split": split, "offset": 0}, text
+                break
+            doc = doc_ids[i]
             rep.tokens[split] += len(doc) + 1
             self._add(split, doc)
         if exhausted:
             self._finish()
+
+    def _reopen_doc(self) -> str | TextFile:
+        """The open long document after a resume: its record read and rendered again."""
+        pos, line, fresh = self.doc["at"]
+        reader = read_records(self.src, pos, self.segment.end, line, fresh)
+        where, rec, _, _ = next(reader)
+        reader.close()
+        return record_to_text(rec, where, self.tokenizer, self.template_kwargs)
+
+    def _fill_piece(self) -> None:
+        """Tokenize and pack the open long document's next piece (EOS after the last). The document
+        is left where its split fills: what follows would only be counted, not stored."""
+        if self.doc_text is None:
+            self.doc_text = self._reopen_doc()
+        split, rep = self.doc["split"], self.report
+        piece, offset, last = next(document_pieces(self.doc_text, self.tokenizer, self.doc["offset"]))
+        ids = self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+        rep.tokens[split] += len(ids) + last
+        self._add(split, ids, eos=last)
+        self.doc["offset"] = offset
+        if last or self._full(split):
+            self.doc, self.doc_text = None, None
+            if self._full("train") and self._full("val"):
+                self._finish()
 
     def __iter__(self) -> Iterator[PackedSequence]:
         while True:

@@ -1,15 +1,19 @@
 """Corpus file formats: every record of a source, from any resume point, as (where, record,
 position after it, line after it). JSONL (seeking to a byte offset), JSONL.zst (concatenated zstd
 frames, streamed; a cut frame is an error), Parquet and `datasets` folders (row indices, one row at a
-time where a string is not UTF-8), and text (the whole file is one record). A record that cannot be
+time where a string is not UTF-8), and text (the whole file is one record, a TextFile read a window
+at a time, never whole). A FIFO or a device is refused by name before anything opens it. A record that cannot be
 parsed comes as a CorpusError in its place, so on_bad_record=skip can count it; mol.corpora renders
 and packs what these readers yield.
 """
 
 from __future__ import annotations
 
+import codecs
+import hashlib
 import io
 import json
+import stat
 from pathlib import Path
 from typing import Iterator
 
@@ -21,7 +25,25 @@ class CorpusError(MolError, ValueError):
     """A bad input record; the message names the file and line."""
 
 
+_SPECIAL_FILES = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                  (stat.S_ISSOCK, "socket"))
+
+
+def check_source_path(path: Path) -> None:
+    """Refuse a FIFO, device or socket as a source: opening a FIFO blocks until something writes to
+    it (Stage 1 hung with no message), a device never ends, and neither can be hashed, segmented or
+    read again on resume. A regular file or a folder passes; a missing path is the callers' own error."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return
+    for test, kind in _SPECIAL_FILES:
+        if test(mode):
+            raise CorpusError(f"{path}: is a {kind}, not a regular file; a source must be a file or a datasets folder")
+
+
 def detect_format(path: Path, fmt: str) -> str:
+    check_source_path(path)
     if fmt != "auto":
         return fmt
     if path.is_dir():
@@ -92,7 +114,8 @@ def _open_dataset(path: Path):
 
 
 def _parse_json_line(raw: bytes, where: Where) -> object:
-    """A bad line comes back as a CorpusError (not raised) so on_bad_record=skip can count it."""
+    """A bad line comes back as a CorpusError (not raised) so on_bad_record=skip can count it. The
+    line's end of line stays on (JSON whitespace): stripping it would copy a 200 MB line once more."""
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -108,7 +131,8 @@ def _json_line(path: Path, raw: bytes, pos: int, line: int | None):
     item (None for a blank line), then the position and line number after it."""
     where = Where(path, line, pos)
     pos, line = pos + len(raw), (line + 1 if line is not None else None)
-    return ((where, _parse_json_line(raw.rstrip(b"\r\n"), where), pos, line) if raw.strip() else None), pos, line
+    blank = not raw or raw.isspace()  # not raw.strip(): a copy of the line
+    return ((where, _parse_json_line(raw, where), pos, line) if not blank else None), pos, line
 
 
 # A reader yields (where, record, position after it, line after it); a record that cannot be
@@ -128,6 +152,7 @@ def _jsonl_records(path: Path, start: int, end: int | None, line: int | None, fr
             if not raw:
                 return
             item, pos, line = _json_line(path, raw, pos, line)
+            del raw  # the line's bytes are not kept while its record is packed
             if item:
                 yield item
 
@@ -180,6 +205,7 @@ def _jsonl_zst_records(path: Path, start: int, line: int | None):
                 left -= len(chunk)
             for raw_line in stream:
                 item, pos, line = _json_line(path, raw_line, pos, line)
+                del raw_line
                 if item:
                     yield item
         except zstandard.ZstdError as e:
@@ -249,16 +275,71 @@ def _dataset_records(path: Path, start: int, end: int | None):
             yield Where(path, row=a + j + 1), {n: cols[n][j] for n in names}, a + j + 1, None
 
 
+TEXT_READ_BYTES = 1 << 20  # a text file is read (and hashed, and checked) this many bytes at a time
+
+
+class TextFile:
+    """A `.txt`/`.md` source's one document, already checked (UTF-8, not blank) and hashed, read a
+    window at a time from a byte offset, never whole: a 1 GB book dump costs what a 1 MB one does.
+    mol.corpora cuts the windows into pieces and tokenizes them one by one."""
+
+    def __init__(self, path: Path, size: int, digest: bytes):
+        self.path, self.size, self.digest = path, size, digest
+
+    def window(self, offset: int, n: int) -> tuple[str, bool]:
+        """The text from byte `offset` (a character boundary) on, at most `n` bytes of it (n >= 4;
+        a character cut by the n-th byte is left to the next window), and whether it is the rest."""
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            data = f.read(n)
+        last = offset + len(data) >= self.size
+        try:
+            return codecs.utf_8_decode(data, "strict", last)[0], last
+        except UnicodeDecodeError as e:  # checked before: the file changed since
+            raise CorpusError(f"{self.path}: invalid UTF-8 at byte {offset + e.start} "
+                              f"(the file changed while it was read)") from None
+
+    @staticmethod
+    def advance(offset: int, piece: str) -> int:
+        """The byte offset after `piece`, read from `offset`."""
+        return offset + len(piece.encode("utf-8"))
+
+    def read(self) -> str:
+        """The whole text (small files and tests; the packer never calls this)."""
+        return self.window(0, max(self.size, 4))[0]
+
+
+def _scan_text_file(path: Path) -> TextFile | CorpusError:
+    """One pass over a text file, TEXT_READ_BYTES at a time: its sha256 (the held-out split's hash
+    of the text is the hash of its UTF-8, i.e. of the file), its UTF-8 (the error names the line; the
+    whole file is checked before any of it is packed, as when it was read whole) and that it is not
+    blank (a bad record, as an empty `text` field is)."""
+    h, carry, done, lines, blank = hashlib.sha256(), b"", 0, 0, True
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(TEXT_READ_BYTES)
+            h.update(block)
+            data = carry + block
+            try:
+                text, used = codecs.utf_8_decode(data, "strict", not block)
+            except UnicodeDecodeError as e:
+                line = lines + data[:e.start].count(b"\n") + 1
+                raise CorpusError(f"{path}:{line}: invalid UTF-8 at byte {done + e.start}") from None
+            blank = blank and (not text or text.isspace())
+            lines, done, carry = lines + data[:used].count(b"\n"), done + used, data[used:]
+            if not block:
+                break
+    if blank:
+        return CorpusError(f"{Where(path, 1)}: field 'text' is empty")
+    return TextFile(path, done, h.digest())
+
+
 def _text_records(path: Path, start: int):
-    data = path.read_bytes()
-    if start >= len(data):
+    size = path.stat().st_size
+    if start >= size:
         return
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise CorpusError(f"{path}:{line}: invalid UTF-8 at byte {e.start}") from None
-    yield Where(path, 1), {"text": text}, len(data), None
+    doc = _scan_text_file(path)
+    yield Where(path, 1), (doc if isinstance(doc, CorpusError) else {"text": doc}), size, None
 
 
 def read_records(src: SourceConfig, start: int = 0, end: int | None = None, line: int | None = 1,
@@ -268,7 +349,7 @@ def read_records(src: SourceConfig, start: int = 0, end: int | None = None, line
     path = expand_path(src.path)
     if not path.exists():
         raise CorpusError(f"{path}: source file does not exist (corpus {src.corpus}, subset {src.subset})")
-    fmt = detect_format(path, src.format)
+    fmt = detect_format(path, src.format)  # refuses a FIFO or a device first
     if fmt == "jsonl":
         return _jsonl_records(path, start, end, line, fresh)
     if fmt == "jsonl.zst":

@@ -13,6 +13,9 @@ compares what they hold, before Stage 1 labels anything:
 A training source's documents that go to its own validation split (by the hash of their text, as
 the packer decides) are not training text and are not compared. Records are read and rendered as
 the packer reads them (chat template included), one at a time: memory holds the held-out side only.
+A training text file many times larger than every held-out document cannot be one of them; it is
+read in the packer's pieces (never whole) and compared by its sentences (a sentence cut by a piece
+boundary, one a MiB, is not seen).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 
 from .config import MolConfig, SourceConfig
-from .corpora import is_val_document, record_to_text
+from .corpora import document_pieces, is_val_document, record_to_text
 from .corpus_formats import CorpusError, iter_records
 from .errors import MolError
 from .leakage import MIN_LEAK_CHARS, QuestionIndex, normalise
@@ -55,8 +58,8 @@ def _digest(text: str) -> bytes:
 
 
 def _documents(src: SourceConfig, tokenizer, template_kwargs: dict):
-    """(where, text) of every readable record, within the source's max_records (bad records are the
-    packer's to report)."""
+    """(where, text or TextFile) of every readable record, within the source's max_records (bad
+    records are the packer's to report)."""
     for n, (where, rec) in enumerate(iter_records(src)):
         if src.max_records is not None and n >= src.max_records:
             return
@@ -78,8 +81,11 @@ def check_heldout_disjoint(cfg: MolConfig, tokenizer) -> HeldoutCheck | None:
     res = HeldoutCheck()
     by_digest: dict[bytes, str] = {}
     owners: dict[str, set[str]] = {}  # normalised sentence -> the held-out documents it is in
+    largest = 0  # bytes of the largest held-out document
     for i, src in held:
-        for where, text in _documents(src, tokenizer, kwargs):
+        for where, doc in _documents(src, tokenizer, kwargs):
+            text = doc if isinstance(doc, str) else doc.read()  # held-out sets are read whole
+            largest = max(largest, len(text.encode("utf-8")))
             res.heldout_documents += 1
             name = f"data.sources[{i}] {where}"
             by_digest.setdefault(_digest(text), name)
@@ -91,21 +97,27 @@ def check_heldout_disjoint(cfg: MolConfig, tokenizer) -> HeldoutCheck | None:
     for j, src in enumerate(sources):
         if src.heldout:
             continue
-        for where, text in _documents(src, tokenizer, kwargs):
-            if is_val_document(text, cfg.data.val_fraction):
+        for where, doc in _documents(src, tokenizer, kwargs):
+            if is_val_document(doc, cfg.data.val_fraction):
                 continue
             res.training_documents += 1
-            hit = by_digest.get(_digest(text))
-            if hit is not None:
-                res.duplicates += 1
-                if len(res.duplicate_examples) < EXAMPLES:
-                    res.duplicate_examples.append(f"{hit} is data.sources[{j}] {where}")
-                continue
-            for s in index.find(normalise(text)):
-                new = owners[s] - res.overlapping
-                res.overlapping |= owners[s]
-                if new and len(res.overlap_examples) < EXAMPLES:
-                    res.overlap_examples.append(f"{sorted(new)[0]} shares {s[:60]!r} with data.sources[{j}] {where}")
+            if isinstance(doc, str) or doc.size <= 4 * largest:
+                text = doc if isinstance(doc, str) else doc.read()
+                hit = by_digest.get(_digest(text))
+                if hit is not None:
+                    res.duplicates += 1
+                    if len(res.duplicate_examples) < EXAMPLES:
+                        res.duplicate_examples.append(f"{hit} is data.sources[{j}] {where}")
+                    continue
+                pieces = [text]
+            else:
+                pieces = (piece for piece, _, _ in document_pieces(doc, tokenizer))
+            for piece in pieces:
+                for s in index.find(normalise(piece)):
+                    new = owners[s] - res.overlapping
+                    res.overlapping |= owners[s]
+                    if new and len(res.overlap_examples) < EXAMPLES:
+                        res.overlap_examples.append(f"{sorted(new)[0]} shares {s[:60]!r} with data.sources[{j}] {where}")
     _judge(res, cfg.data.heldout_overlap)
     return res
 

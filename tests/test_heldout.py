@@ -65,3 +65,19 @@ def test_disjoint_text_passes_and_a_config_without_heldout_source_is_not_read(ti
         is_val_document("Metformin lowers hepatic glucose output.", 0.2) for _ in range(4))
     cfg.data.sources = [s for s in cfg.data.sources if not s.heldout]
     assert check_heldout_disjoint(cfg, None) is None
+
+
+def test_text_files_are_compared_too_a_large_one_by_its_pieces(tiny_model_dir, tmp_path):
+    tok = load_tokenizer(tiny_model_dir)
+    story = STORIES[0]["text"]
+    (tmp_path / "same.txt").write_text(story.replace(" ", "\n", 3))  # the held-out document, re-wrapped
+    cfg = _cfg(tiny_model_dir, tmp_path, GEN[:10])
+    cfg.data.sources.append(type(cfg.data.sources[0])(path=str(tmp_path / "same.txt"), corpus="general", subset="txt"))
+    assert not is_val_document((tmp_path / "same.txt").read_text(), 0.2)
+    with pytest.raises(HeldoutLeak, match=r"1 held-out document\(s\) are also training documents.*same.txt"):
+        check_heldout_disjoint(cfg, tok)
+    # a book-sized text file quoting a held-out sentence deep inside: read in pieces, found by the sentence
+    filler = "The quiet river bends past the mill. " * 4000
+    (tmp_path / "same.txt").write_text(filler + STORIES[7]["text"].split(". ", 1)[1] + " " + filler)
+    res = check_heldout_disjoint(cfg, tok)
+    assert res.duplicates == 0 and res.overlapping == {f"data.sources[2] {tmp_path}/unseen/stories.jsonl:8"}, res
