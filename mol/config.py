@@ -48,21 +48,29 @@ NAME_MAX = 255
 
 def path_problems(value: str | Path, what: str) -> list[str]:
     """Why `value` (expanded) cannot name a path, before any work: a part over NAME_MAX bytes, or
-    something that exists but is neither a regular file nor a folder (a FIFO hangs the reader that
-    opens it, a device streams for ever)."""
+    something that exists but is neither a regular file nor a folder (special_file_kind)."""
     p = expand_path(str(value))
     out = [f"{what}: a name in it is {len(os.fsencode(part))} bytes long, over the {NAME_MAX} a file system "
            f"allows: {part[:40]!r}..." for part in p.parts if len(os.fsencode(part)) > NAME_MAX]
-    if not out:
-        try:
-            mode = p.stat().st_mode
-        except OSError:
-            return out  # missing (or unreadable): said where it is read, with the source it belongs to
-        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
-                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
-            out.append(f"{what}: {p} is {kind}, not a file or a folder")
+    kind = special_file_kind(p) if not out else None
+    if kind:
+        out.append(f"{what}: {p} is {kind}, not a file or a folder")
     return out
+
+
+def special_file_kind(path: Path) -> str | None:
+    """'a FIFO', 'a character device', 'a block device' or 'a socket' for a path that is one; None
+    for a regular file, a folder or a missing path. Opening a FIFO blocks until something writes
+    to it, a device never ends: neither can be read as a corpus, hashed or read again on resume."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None  # missing (or unreadable): said where it is read
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return None
 
 
 def check_path(value: str | Path, what: str, *, kind: str = "folder", must_exist: bool = False) -> Path:

@@ -13,11 +13,10 @@ import codecs
 import hashlib
 import io
 import json
-import stat
 from pathlib import Path
 from typing import Iterator
 
-from .config import SourceConfig, expand_path
+from .config import SourceConfig, expand_path, special_file_kind
 from .errors import MolError
 
 
@@ -25,21 +24,12 @@ class CorpusError(MolError, ValueError):
     """A bad input record; the message names the file and line."""
 
 
-_SPECIAL_FILES = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
-                  (stat.S_ISSOCK, "socket"))
-
-
 def check_source_path(path: Path) -> None:
-    """Refuse a FIFO, device or socket as a source: opening a FIFO blocks until something writes to
-    it (Stage 1 hung with no message), a device never ends, and neither can be hashed, segmented or
-    read again on resume. A regular file or a folder passes; a missing path is the callers' own error."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        return
-    for test, kind in _SPECIAL_FILES:
-        if test(mode):
-            raise CorpusError(f"{path}: is a {kind}, not a regular file; a source must be a file or a datasets folder")
+    """Refuse a FIFO, device or socket as a source (mol.config refuses it in a config; this guards
+    the calls that take a SourceConfig directly). A missing path is the callers' own error."""
+    kind = special_file_kind(path)
+    if kind:
+        raise CorpusError(f"{path}: is {kind}, not a regular file; a source must be a file or a datasets folder")
 
 
 def detect_format(path: Path, fmt: str) -> str:
