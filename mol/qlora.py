@@ -9,8 +9,8 @@ subprocesses, the same batch, seed and data order:
 
 The nf4 student's validation KL-to-base at step 0 is the quantization drift (a fp32 student scores
 the cache's rounding there). The question: does MoL bring the nf4 student's general KL-to-base below
-that step-0 value, where CE-only does not? Also measured: each run's peak resident memory (kernel
-ru_maxrss of its process: the same batch, so nf4 vs fp32 is the weights' difference), and the nf4-mol
+that step-0 value, where CE-only does not? Also measured: each run's peak resident memory (VmHWM
+of its process, mol.stage_process: the same batch, so nf4 vs fp32 is the weights' difference), and the nf4-mol
 adapter moved onto the full-precision base (what `make eval` and a merge use), evaluated on the same
 held-out sequences. Finished runs are reused, so a second call only redraws the page.
 """

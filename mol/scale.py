@@ -90,7 +90,7 @@ def _first_step(metrics: Path):
 
 
 def _run_stage(module: str, args: list[str], log_path: Path, first_step_file: Path | None = None) -> dict:
-    """Run `python -m module args` (mol.stage_process); its wall time, peak RSS (kernel's ru_maxrss)
+    """Run `python -m module args` (mol.stage_process); its wall time, its own peak RSS (VmHWM)
     and, for training, the seconds from its start until metrics.jsonl holds the first optimizer step."""
     done = run_stage(module, args, log_path, reached=_first_step(first_step_file) if first_step_file else None)
     return {"seconds": done.seconds, "peak_rss_mb": done.peak_rss_mb, "first_step_s": done.reached_s}

@@ -24,11 +24,30 @@ from .errors import StageFailed
 ROOT = Path(__file__).resolve().parents[1]
 LOG_TAIL_LINES = 20  # of a failed child's log, in the StageFailed message
 
+# `python -m MODULE ARGS`, writing at its exit (sys.exit and exceptions included) its own peak RSS in
+# kB to $MOL_PEAK_RSS_FILE. VmHWM belongs to the memory map the child's exec made; the ru_maxrss of
+# wait4 does not: Linux carries the parent's high-water mark into the child across fork and exec,
+# so under a 1.5 GB parent a 10 MB child read 1.5 GB, and a study's small stage read its runner's size.
+_MEASURED = """
+import atexit, os, runpy, sys
+def _peak():
+    try:
+        with open("/proc/self/status") as f:
+            kb = next(line for line in f if line.startswith("VmHWM:")).split()[1]
+        with open(os.environ["MOL_PEAK_RSS_FILE"], "w") as f:
+            f.write(kb)
+    except (OSError, StopIteration, KeyError):
+        pass
+atexit.register(_peak)
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
 
 @dataclass(frozen=True)
 class StageRun:
     seconds: float                 # wall time of the child
-    peak_rss_mb: float             # its peak resident memory (the kernel's ru_maxrss, wait4)
+    peak_rss_mb: float             # its own peak resident memory (VmHWM; see _MEASURED)
     reached_s: Optional[float]     # seconds from its start until `reached()` first held (None: never, or not asked)
 
 
@@ -49,13 +68,17 @@ def run_stage(module: str, args: list[str], log_path: Path, *, concurrent: int =
     """Run `python -m module args` to its end, its output in `log_path`, with the cores split between
     `concurrent` such children; `reached` (if given) is polled while it runs, for `StageRun.reached_s`.
     Raises StageFailed (command, status, log tail) when it exits non-zero."""
-    cmd = [sys.executable, "-m", module, *map(str, args)]
+    cmd = [sys.executable, "-m", module, *map(str, args)]  # what it runs, as the messages say it
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    peak_file = log_path.with_name(log_path.name + ".peak-rss")
+    peak_file.unlink(missing_ok=True)
+    env = {**stage_env(threads_per_process(concurrent)), "MOL_PEAK_RSS_FILE": str(peak_file)}
     t0 = time.monotonic()
     first = None
     with open(log_path, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=stage_env(threads_per_process(concurrent)))
+        proc = subprocess.Popen([sys.executable, "-c", _MEASURED, module, *map(str, args)], stdout=out,
+                                stderr=subprocess.STDOUT, env=env)
         while True:
             pid, status, usage = os.wait4(proc.pid, 0 if reached is None else os.WNOHANG)
             if pid:
@@ -68,4 +91,9 @@ def run_stage(module: str, args: list[str], log_path: Path, *, concurrent: int =
     if rc != 0:
         tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-LOG_TAIL_LINES:])
         raise StageFailed(f"{' '.join(cmd)} exited {rc}; log {log_path}:\n{tail}")
-    return StageRun(seconds=seconds, peak_rss_mb=usage.ru_maxrss / 1024, reached_s=first)
+    try:
+        peak_kb = int(peak_file.read_text())
+        peak_file.unlink()
+    except (OSError, ValueError):  # no /proc (not Linux): the kernel's figure, an upper bound
+        peak_kb = usage.ru_maxrss
+    return StageRun(seconds=seconds, peak_rss_mb=peak_kb / 1024, reached_s=first)

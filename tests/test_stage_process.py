@@ -33,3 +33,19 @@ def test_failure_names_command_and_log_tail(tmp_path):
     msg = str(e.value)
     assert msg.startswith(f"{sys.executable} -m json.tool {tmp_path / 'missing.json'} exited ")
     assert str(log) in msg and "missing.json" in msg.splitlines()[-1]
+
+
+def test_the_peak_is_the_childs_own_not_its_runners(tmp_path, monkeypatch):
+    """A 1 GB runner and a child that imports one small module: the child's own peak is reported
+    (ru_maxrss would carry the runner's 1 GB into it), and a child that does hold memory shows it."""
+    ballast = bytearray(1 << 30)
+    ballast[::4096] = b"x" * len(ballast[::4096])  # resident, not only reserved
+    small = run_stage("mol.errors", [], tmp_path / "small.log")
+    assert small.peak_rss_mb < 500, small
+    big = tmp_path / "big.py"
+    big.write_text("b = bytearray(700 << 20)\nb[::4096] = b'x' * len(b[::4096])\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the child finds big.py
+    held = run_stage("big", [], tmp_path / "big.log")
+    assert 700 < held.peak_rss_mb < 1200, held
+    assert not list(tmp_path.glob("*.peak-rss"))
+    del ballast
