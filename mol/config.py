@@ -205,26 +205,23 @@ class DataConfig:
             v = getattr(self, name)
             if v is not None and v < 0:
                 out.append(f"data.{name} must be >= 0, got {v}")
-        seen: dict[tuple, int] = {}
+        readers: dict[str, list[int]] = {}  # a file's real path -> the sources that read it
         for i, s in enumerate(self.sources):
             out += [f"data.sources[{i}]: {p}" for p in s.validate()]
             # by the file it reads, not by its spelling (heldout/../heldout/x.jsonl is heldout/x.jsonl)
             real = os.path.realpath(expand_path(s.path))
-            for j in (seen.get(k) for k in ((s.corpus, s.subset, real), (True, real), (False, real))):
-                if j is None:
-                    continue
+            for j in readers.get(real, []):
                 other = self.sources[j]
-                if (other.corpus, other.subset) == (s.corpus, s.subset) and other.heldout == s.heldout:
-                    out.append(f"data.sources[{i}]: duplicate source {s.path} for {s.corpus}/{s.subset} "
-                               f"(data.sources[{j}] reads the same file)")
-                    break
                 if other.heldout != s.heldout:
                     held, trained = (i, j) if s.heldout else (j, i)
                     out.append(f"data.sources[{held}] (heldout: true) and data.sources[{trained}] read the same file "
                                f"{real}: its documents would be trained on; a held-out source must not feed training")
                     break
-            seen.setdefault((s.corpus, s.subset, real), i)
-            seen.setdefault((s.heldout, real), i)
+                if (other.corpus, other.subset) == (s.corpus, s.subset):
+                    out.append(f"data.sources[{i}]: duplicate source {s.path} for {s.corpus}/{s.subset} "
+                               f"(data.sources[{j}] reads the same file)")
+                    break
+            readers.setdefault(real, []).append(i)
         caps = [s.max_val_sequences if s.max_val_sequences is not None else self.max_val_sequences
                 for s in self.sources]
         if caps and all(c == 0 for c in caps):

@@ -40,7 +40,7 @@ from typing import Iterable
 from .errors import MolError
 from .files import sha256_path, write_atomic
 from .config import mol_home
-from .leakage import MIN_LEAK_CHARS, describe, find_leaks, normalise  # normalise: also the tests'
+from .leakage import MIN_LEAK_CHARS, describe, find_leaks, normalise, sentences  # normalise: also the tests'
 
 log = logging.getLogger(__name__)
 
@@ -411,13 +411,10 @@ def check_leakage(train_files: list[Path], eval_files: list[Path]) -> list[str]:
     return [describe(leak) for leak in leaks]
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
 def _heldout_sentences(files: dict[str, list[dict]]) -> dict[str, list[tuple[str, str]]]:
     """{file: [(record number, sentence)]}: a held-out text counts as seen in training when any of its
     sentences (of MIN_LEAK_CHARS or more, normalised) occurs inside a training record."""
-    return {f: [(str(n), sent) for n, r in enumerate(records, start=1) for sent in _SENTENCE_END.split(r["text"])]
+    return {f: [(str(n), sent) for n, r in enumerate(records, start=1) for sent in sentences(r["text"])]
             for f, records in files.items()}
 
 

@@ -22,18 +22,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from dataclasses import dataclass, field
 
 from .config import MolConfig, SourceConfig
 from .corpora import document_pieces, is_val_document, record_to_text
 from .corpus_formats import CorpusError, iter_records
 from .errors import MolError
-from .leakage import MIN_LEAK_CHARS, QuestionIndex, normalise
+from .leakage import MIN_LEAK_CHARS, QuestionIndex, normalise, sentences
 
 log = logging.getLogger(__name__)
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 EXAMPLES = 5
 
 
@@ -89,7 +87,7 @@ def check_heldout_disjoint(cfg: MolConfig, tokenizer) -> HeldoutCheck | None:
             res.heldout_documents += 1
             name = f"data.sources[{i}] {where}"
             by_digest.setdefault(_digest(text), name)
-            for sentence in _SENTENCE_END.split(text):
+            for sentence in sentences(text):
                 s = normalise(sentence)
                 if len(s) >= MIN_LEAK_CHARS:
                     owners.setdefault(s, set()).add(name)

@@ -6,6 +6,7 @@ candidate questions of a text without scanning them all. Knows nothing of where 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -13,6 +14,15 @@ from typing import Iterable
 # PIQA, "Which is true?") occur by coincidence in unrelated text and do not identify an item on their
 # own -- the choices do. Checking them would only drop innocent training records.
 MIN_LEAK_CHARS = 30
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def sentences(text: str) -> list[str]:
+    """`text` cut after each . ! or ? that whitespace follows: what the held-out checks compare
+    (a held-out text counts as seen where one of its sentences occurs inside training text)."""
+    return _SENTENCE_END.split(text)
 
 
 def normalise(text: str) -> str:
