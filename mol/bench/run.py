@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -17,7 +18,7 @@ import torch
 
 from .. import cache as C
 from ..config import MolConfig, config_to_dict, load_config
-from ..machine import machine_info
+from ..machine import machine_info, torch_threads
 from .checks import checks_cost
 from .loss_path import loss_path_headline, loss_path_memory, loss_path_scaling
 from .report import build_figures
@@ -168,24 +169,21 @@ def run_all(cfg: MolConfig, *, quick: bool = False, workdir: Optional[Path] = No
     from ..model import pick_device
 
     t_start = time.time()
-    threads_before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    sz = dataclasses.replace(QUICK if quick else FULL, threads=torch.get_num_threads())
-    own_tmp = None
-    if workdir is None:
-        own_tmp = tempfile.TemporaryDirectory(prefix="mol-bench-")
-        workdir = Path(own_tmp.name)
-    workdir.mkdir(parents=True, exist_ok=True)
-    cfg = quick_config(cfg, workdir / "cache") if quick else load_config(data=config_to_dict(cfg))
-    cfg.train.finetune = "lora"  # the online teacher is the student with its adapter disabled
-    device = pick_device(cfg.model.device)
-    clock = _Clock(section)
-    meta = {"machine": machine_info(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "section_seconds": clock.seconds, "quick": quick, "device": str(device), "model": cfg.model.name,
-            "lora": {"r": cfg.train.lora.r, "alpha": cfg.train.lora.alpha},
-            "sizes": dataclasses.asdict(sz), "loss_chunk": cfg.train.loss_chunk}
-    try:
+    # the thread count (also on an error before any measurement) and the temp folder are given back
+    with contextlib.ExitStack() as scope:
+        scope.enter_context(torch_threads(threads))
+        if workdir is None:
+            workdir = Path(scope.enter_context(tempfile.TemporaryDirectory(prefix="mol-bench-")))
+        sz = dataclasses.replace(QUICK if quick else FULL, threads=torch.get_num_threads())
+        workdir.mkdir(parents=True, exist_ok=True)
+        cfg = quick_config(cfg, workdir / "cache") if quick else load_config(data=config_to_dict(cfg))
+        cfg.train.finetune = "lora"  # the online teacher is the student with its adapter disabled
+        device = pick_device(cfg.model.device)
+        clock = _Clock(section)
+        meta = {"machine": machine_info(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                "section_seconds": clock.seconds, "quick": quick, "device": str(device), "model": cfg.model.name,
+                "lora": {"r": cfg.train.lora.r, "alpha": cfg.train.lora.alpha},
+                "sizes": dataclasses.asdict(sz), "loss_chunk": cfg.train.loss_chunk}
         clock.enter("teacher cache")
         x = _inputs(cfg, device, make_bar)
         meta.update(cache_dir=str(x.cache_dir), k=x.k, vocab=x.vocab, model_path=str(x.model_path),
@@ -209,10 +207,6 @@ def run_all(cfg: MolConfig, *, quick: bool = False, workdir: Optional[Path] = No
 
         clock.enter("loss path time")
         loss_scaling = loss_path_scaling(sz, cfg.train.loss_chunk, loss_mem)
-    finally:
-        torch.set_num_threads(threads_before)
-        if own_tmp is not None:
-            own_tmp.cleanup()
 
     figures = build_figures(stage1, at_scale, storage, s2["stage2"], s2["stage2_mem"], headline, x.k,
                             meta["cache_bytes_per_token"], vllm, s2["checks"])
