@@ -108,6 +108,14 @@ def built(tiny_model_dir, corpora, tmp_path):
     return cfg, cache_dir
 
 
+def alias_bomb(indent: str = "    ") -> str:
+    """YAML mapping lines (at `indent`) of nine levels of nine aliases each: a few hundred bytes that
+    expand to 9^9 ones and the lists around them."""
+    levels = [f"{indent}a: &a [{', '.join(['1'] * 9)}]"] + [
+        f"{indent}{b}: &{b} [{', '.join(['*' + a] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")]
+    return "\n".join(levels) + "\n"
+
+
 def cache_units(cache_dir: Path) -> list[Path]:
     """The unit folders of a config's cache, in config order."""
     return [u.path for u in C.TeacherCache(cache_dir).units]

@@ -5,13 +5,14 @@ by a stub that fails the test, so the refusal must come first."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import GEN, MED, tiny_config, write_jsonl
+from conftest import GEN, MED, alias_bomb, tiny_config, write_jsonl
 from mol.config import dump_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,13 +52,9 @@ def world(tiny_model_dir, tmp_path_factory) -> dict:
     (root / "bad.yaml").write_text("model: {name: x\n  bad")
     (root / "latin1.yaml").write_bytes('model:\n  name: "caf\xe9"\n'.encode("latin-1"))
     (root / "bad.json").write_text("{bad")
-    levels = ["    a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [
-        f"    {b}: &{b} [{', '.join(['*' + a] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")]
     (root / "bomb.yaml").write_text((root / "cfg.yaml").read_text().replace(
-        "  chat_template_kwargs: {}\n", "  chat_template_kwargs:\n" + "\n".join(levels) + "\n"))
+        "  chat_template_kwargs: {}\n", "  chat_template_kwargs:\n" + alias_bomb()))
     assert "*h" in (root / "bomb.yaml").read_text()
-    import os
-
     os.mkfifo(root / "corpus.fifo")
     return {"root": root, "cfg": str(root / "cfg.yaml"), "run": str(run), "pickled": str(pickled)}
 

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import alias_bomb
 from mol.config import ConfigError, MolConfig, dump_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,10 +153,8 @@ def test_a_heldout_file_that_also_feeds_training_is_refused_however_it_is_spelle
 
 
 def test_a_yaml_alias_bomb_is_refused_naming_its_key_without_expanding_it(tmp_path):
-    levels = ["    a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [
-        f"    {b}: &{b} [{', '.join(['*' + a] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")]
     cfg = tmp_path / "bomb.yaml"
-    cfg.write_text("model:\n  name: x\n  chat_template_kwargs:\n" + "\n".join(levels) + "\n")
+    cfg.write_text("model:\n  name: x\n  chat_template_kwargs:\n" + alias_bomb())
     with pytest.raises(ConfigError) as e:
         load_config(cfg)
     (msg,) = e.value.problems
