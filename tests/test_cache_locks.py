@@ -168,3 +168,21 @@ def test_a_resume_on_a_cache_rebuilt_with_other_bytes_is_refused(small, tmp_path
     assert len(err) == 1 and f"units/{shard.parent.name}: its shards' sha256 differ" in err[0], err
     assert "rebuilt since the run started" in err[0]
     assert json.loads((run_dir / "run.json").read_text()) == record
+
+
+def test_a_run_that_recorded_no_shard_digests_resumes_with_a_warning(small, tmp_path, caplog):
+    """A run started before run.json held `cache_content` still resumes on its key alone, and says
+    that its cache's bytes could not be compared."""
+    import logging
+
+    d = copied_small(small, tmp_path, run_name="old")
+    yaml = write_yaml(tmp_path / "t.yaml", d)
+    run_dir = train(load_config(yaml), stop_after=2)
+    record = json.loads((run_dir / "run.json").read_text())
+    assert set(record.pop("cache_content")) == {f"units/{u.path.name}" for u in
+                                                C.TeacherCache(C.resolve_cache_key(load_config(yaml)).cache_dir).units}
+    (run_dir / "run.json").write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING, logger="mol.run_folder"):
+        train(load_config(yaml, ["train.resume=true"]))
+    assert (run_dir / "summary.json").is_file()
+    assert "records no shard digests of its cache (started by an older version)" in caplog.text
